@@ -1,0 +1,315 @@
+"""``avl-genreplay bench``: compare strategies on a benchmark, with Avalanche's
+evaluators, and write results, a table, plots and images of replayed samples.
+
+Run ``avl-genreplay bench --help`` (or ``python -m avl_genreplay bench``).
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from avl_genreplay.bench import data
+from avl_genreplay.bench.config import load_config, merge
+from avl_genreplay.bench.report import (
+    markdown_table,
+    plot_accuracy_matrices,
+    plot_seen_accuracy,
+    replay_grid,
+)
+from avl_genreplay.bench.runner import (
+    RunSpec,
+    generator_of,
+    run_strategy,
+    summarise,
+    write_json,
+)
+from avl_genreplay.bench.strategies import STRATEGIES
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+
+class CLIError(Exception):
+    """A user error, reported as one line on stderr with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avl-genreplay", description="Generative replay for Avalanche."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser(
+        "bench",
+        help="compare strategies on a benchmark",
+        description="Compare continual-learning strategies with Avalanche's evaluators.",
+    )
+    bench.add_argument(
+        "--benchmark", default="splitmnist", help=f"one of {sorted(data.BENCHMARKS)}"
+    )
+    bench.add_argument(
+        "--scenario", default="class", help="class, task or domain (incremental)"
+    )
+    bench.add_argument(
+        "--strategies",
+        default=None,
+        help=f"comma-separated, from {sorted(STRATEGIES)}; default: all in the config",
+    )
+    bench.add_argument(
+        "--experiences", type=int, default=None, help="number of experiences"
+    )
+    bench.add_argument(
+        "--first-half",
+        action="store_true",
+        help="SplitCIFAR100: first experience holds 50 classes",
+    )
+    bench.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="solver epochs per experience (overrides the config)",
+    )
+    bench.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds (default: the config's, else 0)",
+    )
+    bench.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu or cuda:0"
+    )
+    bench.add_argument(
+        "--data-root",
+        default=None,
+        help=f"dataset folder (default: ${data.DATA_ROOT_ENV}, else Avalanche's, downloading)",
+    )
+    bench.add_argument("--output", default="benchmarks/results", help="output folder")
+    bench.add_argument(
+        "--config", default=None, help="config file (default: the benchmark's own)"
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="a smoke comparison of a few minutes"
+    )
+    bench.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="training samples kept per experience",
+    )
+    bench.add_argument(
+        "--tensorboard", action="store_true", help="also log to TensorBoard (OUTPUT/tb)"
+    )
+    bench.add_argument(
+        "--no-images", action="store_true", help="skip images of replayed samples"
+    )
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CLIError(f"bad device {name!r}: {error}") from None
+    if device.type == "cuda" and (
+        not torch.cuda.is_available()
+        or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise CLIError(f"device {name!r} does not exist on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"unsupported device {name!r}")
+    return device
+
+
+def _output_folder(path: str) -> Path:
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise CLIError(
+            f"output folder {folder} is not writable: {error.strerror or error}"
+        ) from None
+    return folder
+
+
+def _loggers(args, folder: Path, name: str, seed: int) -> list:
+    from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
+
+    logs = folder / "logs"
+    logs.mkdir(exist_ok=True)
+    loggers = [
+        InteractiveLogger(),
+        TextLogger(open(logs / f"{name}_seed{seed}.txt", "w")),
+        CSVLogger(str(logs / f"{name}_seed{seed}_csv")),
+    ]
+    if args.tensorboard:
+        from avalanche.logging import TensorboardLogger
+
+        loggers.append(TensorboardLogger(str(folder / "tb" / f"{name}_seed{seed}")))
+    return loggers
+
+
+def _image_saver(folder: Path, stem: str, loggers: list, benchmark):
+    """Saves (and logs to TensorBoard) a grid of replayed samples per past class
+    after each experience of a generative strategy."""
+    from avalanche.logging import TensorboardLogger
+    from avalanche.models import MultiTaskModule
+    from torchvision.utils import save_image
+
+    images = folder / "replay"
+    boards = [log for log in loggers if isinstance(log, TensorboardLogger)]
+
+    def save(strategy, index: int) -> None:
+        generator = generator_of(strategy)
+        if generator is None:
+            return
+        seen = sorted(
+            {
+                c
+                for e in benchmark.train_stream[: index + 1]
+                for c in e.classes_in_this_experience
+            }
+        )
+        labeller = (
+            None if isinstance(strategy.model, MultiTaskModule) else strategy.model
+        )
+        if labeller is not None:
+            labeller.eval()
+        grid = replay_grid(generator, seen, labeller=labeller)
+        images.mkdir(exist_ok=True)
+        save_image(grid, images / f"{stem}_exp{index}.png")
+        for board in boards:
+            board.writer.add_image(f"replay/{stem}", grid, index)
+
+    return save
+
+
+def bench(args, argv: List[str]) -> int:
+    if args.benchmark not in data.BENCHMARKS:
+        raise CLIError(
+            f"unknown benchmark {args.benchmark!r}; choose from {', '.join(sorted(data.BENCHMARKS))}"
+        )
+    if args.scenario not in data.SCENARIOS:
+        raise CLIError(
+            f"unknown scenario {args.scenario!r}; choose from {', '.join(data.SCENARIOS)}"
+        )
+    try:
+        config = load_config(args.benchmark, args.config, quick=args.quick)
+    except (FileNotFoundError, ValueError) as error:
+        raise CLIError(f"bad config: {error}") from None
+    if args.strategies:
+        names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    else:
+        names = config.get("run") or list(config["strategies"])
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise CLIError(
+            f"unknown strategy {', '.join(unknown)}; choose from {', '.join(sorted(STRATEGIES))}"
+        )
+    device = _device(args.device)
+    root = data.resolve_data_root(args.data_root)
+    spec = data.BENCHMARKS[args.benchmark]
+    try:
+        data.check_data_root(spec, root)
+    except data.DataRootError as error:
+        raise CLIError(str(error)) from None
+    folder = _output_folder(args.output)
+    solver = dict(config["solver"])
+    if args.epochs is not None:
+        solver["train_epochs"] = args.epochs
+    seeds = args.seeds or config.get("seeds") or [0]
+    n_experiences = args.experiences or config.get("experiences", 5)
+    subset = args.train_subset or config.get("train_subset")
+    stem = f"{args.benchmark}_{args.scenario}_il"
+    runs: List[dict] = []
+    started = time.time()
+    for seed in seeds:
+        for name in names:
+            benchmark = data.make_benchmark(
+                args.benchmark,
+                scenario=args.scenario,
+                n_experiences=n_experiences,
+                data_root=root,
+                seed=seed,
+                first_experience_half=args.first_half,
+            )
+            loggers = _loggers(args, folder, name, seed)
+            saver = (
+                None
+                if args.no_images
+                else _image_saver(folder, f"{name}_seed{seed}", loggers, benchmark)
+            )
+            print(f"== {name}, seed {seed}", flush=True)
+            run = run_strategy(
+                RunSpec(
+                    strategy=name,
+                    seed=seed,
+                    solver=solver,
+                    settings=config["strategies"].get(name, {}),
+                    input_shape=spec.input_shape,
+                    num_classes=spec.num_classes,
+                    scenario=args.scenario,
+                    device=device,
+                    train_subset=subset,
+                    loggers=loggers,
+                ),
+                benchmark,
+                after_experience=saver,
+            )
+            for logger in loggers:
+                getattr(logger, "close", lambda: None)()
+            runs.append(run)
+            print(
+                f"== {name}, seed {seed}: final average accuracy {run['final_avg_acc']:.4f}, {run['wall_seconds']:.0f} s",
+                flush=True,
+            )
+    summary = summarise(runs)
+    payload = {
+        "benchmark": args.benchmark,
+        "scenario": f"{args.scenario}-incremental",
+        "n_experiences": n_experiences,
+        "train_subset": subset,
+        "solver": solver,
+        "command": "avl-genreplay " + " ".join(argv),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "total_wall_seconds": time.time() - started,
+        "strategies": summary,
+        "settings": {name: config["strategies"].get(name, {}) for name in names},
+    }
+    write_json(folder / f"{stem}.json", payload)
+    table = markdown_table(summary)
+    (folder / f"{stem}.md").write_text(
+        f"# {args.benchmark}, {args.scenario}-incremental\n\n{table}"
+    )
+    title = (
+        f"{args.benchmark}, {args.scenario}-incremental, {n_experiences} experiences"
+    )
+    plot_seen_accuracy(summary, folder / f"{stem}_accuracy.png", title)
+    plot_accuracy_matrices(summary, folder / f"{stem}_matrices.png")
+    print(table)
+    print(f"results in {folder / (stem + '.json')}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "bench":
+            return bench(args, argv)
+    except CLIError as error:
+        print(f"avl-genreplay: error: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Benchmarks of the harness: Avalanche's Split* streams, offline-friendly.
+
+The data root comes from a flag or the ``AVL_GENREPLAY_DATA`` environment
+variable; with neither, Avalanche's default location (and download) is used.
+A root that is given but does not hold the dataset is an error, raised before
+any training, rather than a download attempt that fails later.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "BENCHMARKS",
+    "SCENARIOS",
+    "DATA_ROOT_ENV",
+    "BenchmarkSpec",
+    "DataRootError",
+    "resolve_data_root",
+    "check_data_root",
+    "make_benchmark",
+    "synthetic_benchmark",
+    "subsample_experience",
+]
+
+DATA_ROOT_ENV = "AVL_GENREPLAY_DATA"
+SCENARIOS = ("class", "task", "domain")
+
+
+class DataRootError(ValueError):
+    """A data root that does not hold the benchmark's dataset."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """What the harness needs to know of a benchmark."""
+
+    name: str
+    input_shape: Tuple[int, int, int]
+    num_classes: int
+    folder: str
+    required_files: Tuple[str, ...]
+
+
+BENCHMARKS = {
+    "splitmnist": BenchmarkSpec(
+        "splitmnist",
+        (1, 28, 28),
+        10,
+        "MNIST",
+        ("raw/train-images-idx3-ubyte", "raw/t10k-images-idx3-ubyte"),
+    ),
+    "splitfmnist": BenchmarkSpec(
+        "splitfmnist",
+        (1, 28, 28),
+        10,
+        "FashionMNIST",
+        ("raw/train-images-idx3-ubyte", "raw/t10k-images-idx3-ubyte"),
+    ),
+    "splitcifar100": BenchmarkSpec(
+        "splitcifar100",
+        (3, 32, 32),
+        100,
+        "cifar-100-python",
+        ("train", "test"),
+    ),
+}
+
+
+def resolve_data_root(flag: Optional[str]) -> Optional[Path]:
+    """The flag if given, else ``$AVL_GENREPLAY_DATA``, else ``None``."""
+    root = flag or os.environ.get(DATA_ROOT_ENV) or None
+    return Path(root).expanduser() if root else None
+
+
+def check_data_root(spec: BenchmarkSpec, root: Optional[Path]) -> None:
+    """Raises :class:`DataRootError` if ``root`` does not hold the dataset."""
+    if root is None:
+        return
+    if not root.is_dir():
+        raise DataRootError(f"data root {root} is not a directory")
+    folder = root / spec.folder
+    missing = [
+        name
+        for name in spec.required_files
+        if not (folder / name).exists() and not (folder / f"{name}.gz").exists()
+    ]
+    if missing:
+        raise DataRootError(
+            f"data root {root} does not hold {spec.name}'s data (missing "
+            f"{', '.join(str(folder / m) for m in missing)}); point the data root "
+            f"at a folder with {spec.folder}/ in it, or give none to let "
+            f"Avalanche download it"
+        )
+
+
+def _split_args(scenario: str) -> dict:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
+    return {"return_task_id": scenario == "task"}
+
+
+def make_benchmark(
+    name: str,
+    *,
+    scenario: str = "class",
+    n_experiences: int = 5,
+    data_root: Optional[Path] = None,
+    seed: int = 0,
+    first_experience_half: bool = False,
+):
+    """Builds one of Avalanche's Split* benchmarks with a fixed class order.
+
+    Domain-incremental streams relabel each experience's classes from 0
+    (``class_ids_from_zero_in_each_exp``), so all experiences share labels.
+
+    :param first_experience_half: SplitCIFAR100 only: the first experience
+        holds half the classes (the DDGR paper's protocol: 50, then 5 or 10
+        per experience), the rest split over the other experiences.
+    """
+    from avalanche.benchmarks.classic import SplitCIFAR100, SplitFMNIST, SplitMNIST
+
+    if name not in BENCHMARKS:
+        raise ValueError(
+            f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}"
+        )
+    spec = BENCHMARKS[name]
+    check_data_root(spec, data_root)
+    kwargs = dict(
+        n_experiences=n_experiences,
+        fixed_class_order=list(range(spec.num_classes)),
+        seed=seed,
+        class_ids_from_zero_in_each_exp=scenario == "domain",
+        dataset_root=data_root,
+        **_split_args(scenario),
+    )
+    if name == "splitmnist":
+        return SplitMNIST(**kwargs)
+    if name == "splitfmnist":
+        return SplitFMNIST(**kwargs)
+    return SplitCIFAR100(first_exp_with_half_classes=first_experience_half, **kwargs)
+
+
+def synthetic_benchmark(
+    *,
+    input_shape: Sequence[int] = (3, 32, 32),
+    num_classes: int = 100,
+    n_experiences: int = 10,
+    per_class: int = 4,
+    scenario: str = "class",
+    seed: int = 0,
+):
+    """A small random stand-in with a real benchmark's shape (e.g. CIFAR-100's
+    3x32x32 and 100 classes), built with Avalanche's ``nc_benchmark``; for
+    exercising code paths where the real data cannot be had."""
+    from avalanche.benchmarks import nc_benchmark
+    from torch.utils.data import TensorDataset
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n_per_class: int):
+        y = torch.arange(num_classes).repeat_interleave(n_per_class)
+        x = torch.randn(len(y), *input_shape, generator=generator)
+        dataset = TensorDataset(x, y)
+        dataset.targets = y.tolist()
+        return dataset
+
+    return nc_benchmark(
+        split(per_class),
+        split(max(per_class // 2, 1)),
+        n_experiences=n_experiences,
+        task_labels=scenario == "task",
+        fixed_class_order=list(range(num_classes)),
+        class_ids_from_zero_in_each_exp=scenario == "domain",
+    )
+
+
+def subsample_experience(experience, size: Optional[int], seed: int):
+    """Keeps a random ``size`` samples of an experience (all if ``None``)."""
+    if size is None or size >= len(experience.dataset):
+        return experience
+    generator = torch.Generator().manual_seed(seed + experience.current_experience)
+    indices: List[int] = torch.randperm(len(experience.dataset), generator=generator)
+    experience.dataset = experience.dataset.subset(indices[:size].tolist())
+    return experience

@@ -1,0 +1,164 @@
+"""What a person reads of a comparison: a markdown table, plots and images of
+replayed samples."""
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "markdown_table",
+    "plot_seen_accuracy",
+    "plot_accuracy_matrices",
+    "replay_grid",
+    "ReplayImages",
+]
+
+
+def _pm(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits=1):
+    if mean is None:
+        return "–"
+    return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
+
+
+def markdown_table(summary: Dict[str, dict]) -> str:
+    """One row per strategy: accuracy and forgetting (in %), BWT, wall time,
+    peak RAM and generator size, as mean ± std over seeds."""
+    lines = [
+        "| strategy | final avg acc (%) | avg forgetting (%) | BWT (%) | wall (s) "
+        "| peak RAM (MB) | generator (KB) | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        size = s.get("generator_bytes")
+        lines.append(
+            f"| {name} | {_pm(s['final_avg_acc'], s['final_avg_acc_std'], 100)} "
+            f"| {_pm(s['avg_forgetting'], s['avg_forgetting_std'], 100)} "
+            f"| {_pm(s['bwt'], s['bwt_std'], 100)} "
+            f"| {_pm(s['wall_seconds'], s['wall_seconds_std'], digits=0)} "
+            f"| {_pm(s['peak_ram_mb'], s['peak_ram_mb_std'], digits=0)} "
+            f"| {'–' if size is None else f'{size / 1024:.0f}'} "
+            f"| {len(s['seeds'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def seen_accuracy(matrix: List[List[float]]) -> List[float]:
+    """Average accuracy over the experiences seen, after each experience."""
+    return [sum(row[: i + 1]) / (i + 1) for i, row in enumerate(matrix)]
+
+
+def plot_seen_accuracy(summary: Dict[str, dict], path: Path, title: str) -> None:
+    """Accuracy on the experiences seen so far after each experience, one line
+    per strategy (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in summary.items():
+        curves = torch.tensor([seen_accuracy(r["accuracy_matrix"]) for r in s["runs"]])
+        mean = curves.mean(0)
+        steps = range(1, len(mean) + 1)
+        if len(mean) == 1:  # joint training: one point, after the whole stream
+            ax.axhline(100 * mean[0], ls="--", lw=1, color="grey", label=name)
+            continue
+        ax.plot(steps, 100 * mean, marker="o", label=name)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("accuracy on experiences seen (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_accuracy_matrices(summary: Dict[str, dict], path: Path) -> None:
+    """Each strategy's accuracy matrix (first seed) as a heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8))
+    axes = [axes] if len(names) == 1 else list(axes)
+    for ax, name in zip(axes, names):
+        matrix = torch.tensor(summary[name]["runs"][0]["accuracy_matrix"])
+        ax.imshow(100 * matrix, vmin=0, vmax=100, cmap="viridis")
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * matrix[i, j]:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white",
+                )
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("test experience", fontsize=7)
+        ax.set_ylabel("after training", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def replay_grid(
+    generator: nn.Module,
+    classes: Sequence[int],
+    per_class: int = 8,
+    labeller: Optional[nn.Module] = None,
+    max_draws: int = 2000,
+) -> torch.Tensor:
+    """A grid image (C x H x W, values in [0, 1]) of replayed samples, one row
+    per past class.
+
+    A conditional generator is asked for each class; an unconditional one is
+    sampled and its samples sorted by the ``labeller``'s (old solver's)
+    prediction, up to ``max_draws`` draws; empty cells stay black.
+    """
+    from torchvision.utils import make_grid
+
+    device = next(generator.parameters()).device
+    generator.eval()
+    rows: List[torch.Tensor] = []
+    if getattr(generator, "num_classes", None) is not None:
+        for c in classes:
+            rows.append(
+                generator.generate(
+                    per_class, torch.full((per_class,), c, device=device)
+                )
+            )
+    else:
+        draws = generator.generate(max_draws)
+        predicted = labeller(draws).argmax(1) if labeller is not None else None
+        for c in classes:
+            picked = (
+                draws[predicted == c][:per_class]
+                if predicted is not None
+                else draws[:per_class]
+            )
+            pad = per_class - len(picked)
+            if pad > 0:
+                picked = torch.cat(
+                    [
+                        picked,
+                        torch.full(
+                            (pad, *draws.shape[1:]), float("nan"), device=device
+                        ),
+                    ]
+                )
+            rows.append(picked)
+    images = torch.cat(rows)
+    low = torch.nan_to_num(images, nan=float("inf")).amin(dim=(0, 2, 3), keepdim=True)
+    high = torch.nan_to_num(images, nan=float("-inf")).amax(dim=(0, 2, 3), keepdim=True)
+    images = ((images - low) / (high - low).clamp_min(1e-8)).nan_to_num(0.0)
+    return make_grid(images.cpu(), nrow=per_class, padding=1)

@@ -1,0 +1,172 @@
+"""Common base of the package's image generators and of their training steps.
+
+Every generator here is an :class:`avalanche.models.Generator`: it samples with
+``generate(batch_size, condition=None)``. Image generators also know the shape
+and value range of the data they imitate, so no image size or normalisation is
+hard-coded: the shape comes from the benchmark, the range from the data.
+"""
+
+from abc import ABC, abstractmethod
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from avalanche.models.generator import Generator
+from torch import Tensor, nn
+
+__all__ = ["ImageGenerator", "GeneratorTrainer"]
+
+
+class ImageGenerator(Generator, nn.Module):
+    """An image generator whose outputs live in the value range of the data.
+
+    Subclasses implement :meth:`decode`, mapping noise (and a condition) to
+    images in ``[-1, 1]``; this class rescales them, per channel, to the range
+    of the real data, which :meth:`calibrate_range` measures on a real batch
+    (the training plugins call it on the first experience). A fixed range can
+    also be given at construction.
+
+    :param output_shape: shape of one image, ``(channels, height, width)``.
+    :param noise_dim: size of the noise vector.
+    :param num_classes: number of classes of a class-conditional generator,
+        ``None`` for an unconditional one.
+    :param data_range: fixed ``(low, high)`` value range of the data; ``None``
+        to measure it on the first real batch.
+    """
+
+    def __init__(
+        self,
+        output_shape: Sequence[int],
+        noise_dim: int,
+        num_classes: Optional[int] = None,
+        data_range: Optional[Tuple[float, float]] = None,
+    ):
+        nn.Module.__init__(self)
+        if len(output_shape) != 3 or min(output_shape) < 1:
+            raise ValueError(
+                f"output_shape must be (channels, height, width), got {output_shape}"
+            )
+        self.output_shape = tuple(int(s) for s in output_shape)
+        self.noise_dim = int(noise_dim)
+        self.num_classes = num_classes
+        channels = self.output_shape[0]
+        low, high = data_range if data_range is not None else (-1.0, 1.0)
+        self.register_buffer("range_low", torch.full((channels, 1, 1), float(low)))
+        self.register_buffer("range_high", torch.full((channels, 1, 1), float(high)))
+        self.register_buffer("range_calibrated", torch.tensor(data_range is not None))
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether :meth:`generate` takes class labels as ``condition``."""
+        return self.num_classes is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.range_low.device
+
+    @torch.no_grad()
+    def calibrate_range(self, real: Tensor) -> None:
+        """Sets the output range, per channel, to that of a batch of real data.
+
+        Does nothing once calibrated, so later experiences keep the range
+        (and so the meaning of the outputs) of the first.
+        """
+        if bool(self.range_calibrated):
+            return
+        per_channel = real.detach().transpose(0, 1).reshape(real.shape[1], -1)
+        self.range_low.copy_(per_channel.min(dim=1).values.view(-1, 1, 1))
+        self.range_high.copy_(per_channel.max(dim=1).values.view(-1, 1, 1))
+        self.range_calibrated.fill_(True)
+
+    def to_data_range(self, unit: Tensor) -> Tensor:
+        """Maps images from ``[-1, 1]`` to the data's value range."""
+        return self.range_low + (unit + 1) * 0.5 * (self.range_high - self.range_low)
+
+    def to_unit_range(self, data: Tensor) -> Tensor:
+        """Maps images from the data's value range to ``[-1, 1]``."""
+        span = (self.range_high - self.range_low).clamp_min(1e-8)
+        return (data - self.range_low) / span * 2 - 1
+
+    def sample_noise(self, batch_size: int) -> Tensor:
+        return torch.randn(batch_size, self.noise_dim, device=self.device)
+
+    def check_condition(self, condition: Optional[Tensor], batch_size: int) -> None:
+        """Raises a clear error for a condition this generator cannot take."""
+        if condition is None:
+            if self.is_conditional:
+                raise ValueError("this generator is conditional: pass class labels")
+            return
+        if not self.is_conditional:
+            raise ValueError("this generator is unconditional: condition must be None")
+        if condition.shape != (batch_size,):
+            raise ValueError(
+                f"condition must hold one class label per sample, shape "
+                f"({batch_size},), got {tuple(condition.shape)}"
+            )
+        if condition.numel() and (
+            int(condition.min()) < 0 or int(condition.max()) >= self.num_classes
+        ):
+            raise ValueError(
+                f"condition holds a class outside 0..{self.num_classes - 1}: "
+                f"{sorted(set(condition.tolist()))}"
+            )
+
+    @abstractmethod
+    def decode(self, noise: Tensor, condition: Optional[Tensor] = None) -> Tensor:
+        """Maps noise (and a condition) to images in ``[-1, 1]``."""
+
+    def get_features(self, x: Tensor) -> Tensor:
+        """Generators have no feature extractor (required by ``BaseModel``)."""
+        raise NotImplementedError("generators do not extract features")
+
+    def forward(self, noise: Tensor, condition: Optional[Tensor] = None) -> Tensor:
+        """Images in the data's value range for the given noise."""
+        return self.to_data_range(self.decode(noise, condition))
+
+    def generate(
+        self, batch_size: Optional[int] = None, condition: Optional[Tensor] = None
+    ) -> Tensor:
+        """Samples ``batch_size`` images (one if ``None``).
+
+        :param batch_size: number of samples.
+        :param condition: class labels, one per sample, for a conditional
+            generator; ``None`` for an unconditional one.
+        """
+        batch_size = 1 if batch_size is None else int(batch_size)
+        if condition is not None:
+            condition = torch.as_tensor(condition, device=self.device).long()
+        self.check_condition(condition, batch_size)
+        return self(self.sample_noise(batch_size), condition)
+
+
+class GeneratorTrainer(ABC):
+    """One training step of a generator, apart from where its data comes from.
+
+    The generator-training plugin feeds batches (real data mixed with replay)
+    to :meth:`train_step`; what a step does (GAN, diffusion, ...) is the
+    trainer's business. Trainers keep their own optimisers, so a generator's
+    learning rate is its own.
+    """
+
+    generator: ImageGenerator
+
+    @abstractmethod
+    def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
+        """Trains on one batch; returns the losses of the step by name."""
+
+    def start_experience(self, experience_index: int) -> None:
+        """Called before the generator learns an experience (no-op by default)."""
+
+    def end_experience(self, experience_index: int) -> None:
+        """Called after the generator learned an experience (no-op by default)."""
+
+    def modules(self) -> Dict[str, nn.Module]:
+        """The trainer's own networks beside the generator, e.g. a critic."""
+        return {}
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to resume training: networks and optimisers."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what :meth:`state_dict` returned."""

@@ -1,0 +1,227 @@
+"""WGAN-GP (Gulrajani et al., 2017): DGR's generator and its training step.
+
+The networks are small DCGAN-style convolutional nets whose sizes follow the
+image shape (two stride-2 stages, so 28x28 starts from 7x7 and 32x32 from 8x8).
+"""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
+
+__all__ = [
+    "ConvGenerator",
+    "ConvCritic",
+    "WGANGPTrainer",
+    "gradient_penalty",
+]
+
+
+def _base_size(output_shape: Sequence[int]) -> Tuple[int, int]:
+    """Spatial size before the two upsampling stages (rounded up)."""
+    _, height, width = output_shape
+    return -(-height // 4), -(-width // 4)
+
+
+class ConvGenerator(ImageGenerator):
+    """Convolutional generator: noise -> dense -> two transposed convolutions.
+
+    :param output_shape: ``(channels, height, width)`` of the data.
+    :param noise_dim: size of the noise vector.
+    :param channels: feature maps of the last hidden stage (the first has twice
+        as many).
+    :param num_classes: if given, the generator is class-conditional (a label
+        embedding is concatenated to the noise).
+    :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
+    """
+
+    def __init__(
+        self,
+        output_shape: Sequence[int],
+        noise_dim: int = 100,
+        channels: int = 32,
+        num_classes: Optional[int] = None,
+        data_range: Optional[Tuple[float, float]] = None,
+    ):
+        super().__init__(output_shape, noise_dim, num_classes, data_range)
+        base_h, base_w = _base_size(self.output_shape)
+        self.base_shape = (2 * channels, base_h, base_w)
+        embed = 0
+        if num_classes is not None:
+            embed = min(num_classes, 32)
+            self.label_embedding = nn.Embedding(num_classes, embed)
+        self.dense = nn.Sequential(
+            nn.Linear(noise_dim + embed, 2 * channels * base_h * base_w),
+            nn.BatchNorm1d(2 * channels * base_h * base_w),
+            nn.ReLU(),
+        )
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(2 * channels, channels, 4, 2, 1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.ConvTranspose2d(channels, self.output_shape[0], 4, 2, 1),
+            nn.Tanh(),
+        )
+
+    def decode(self, noise: Tensor, condition: Optional[Tensor] = None) -> Tensor:
+        if condition is not None:
+            noise = torch.cat([noise, self.label_embedding(condition)], dim=1)
+        hidden = self.dense(noise).view(-1, *self.base_shape)
+        images = self.upsample(hidden)
+        _, height, width = self.output_shape
+        return images[:, :, :height, :width]
+
+
+class ConvCritic(nn.Module):
+    """WGAN critic: two stride-2 convolutions and a linear score.
+
+    No batch normalisation, which the gradient penalty does not allow. With
+    ``num_classes`` it becomes a projection critic (Miyato & Koyama, 2018),
+    conditioned on the label.
+
+    :param input_shape: ``(channels, height, width)`` of the data.
+    :param channels: feature maps of the first stage (the second has twice).
+    :param num_classes: number of classes of a conditional critic.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        channels: int = 32,
+        num_classes: Optional[int] = None,
+    ):
+        super().__init__()
+        base_h, base_w = _base_size(input_shape)
+        features = 2 * channels * base_h * base_w
+        self.features = nn.Sequential(
+            nn.Conv2d(input_shape[0], channels, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, 2 * channels, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+        )
+        self.input_shape = tuple(input_shape)
+        self.score = nn.Linear(features, 1)
+        self.label_projection = (
+            nn.Embedding(num_classes, features) if num_classes is not None else None
+        )
+
+    def _pad(self, x: Tensor) -> Tensor:
+        # Sizes not divisible by 4 are padded to the generator's upsampled size.
+        base_h, base_w = _base_size(self.input_shape)
+        return F.pad(x, (0, 4 * base_w - x.shape[-1], 0, 4 * base_h - x.shape[-2]))
+
+    def forward(self, x: Tensor, condition: Optional[Tensor] = None) -> Tensor:
+        features = self.features(self._pad(x))
+        score = self.score(features).squeeze(1)
+        if self.label_projection is not None and condition is not None:
+            score = score + (self.label_projection(condition) * features).sum(1)
+        return score
+
+
+def gradient_penalty(
+    critic: nn.Module, real: Tensor, fake: Tensor, condition: Optional[Tensor] = None
+) -> Tensor:
+    """WGAN-GP's penalty: (||grad critic(x_hat)|| - 1)^2 on random interpolates."""
+    mix = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    interpolates = (mix * real + (1 - mix) * fake).requires_grad_(True)
+    scores = critic(interpolates, condition)
+    (grads,) = torch.autograd.grad(scores.sum(), interpolates, create_graph=True)
+    return ((grads.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+class WGANGPTrainer(GeneratorTrainer):
+    """Trains a generator against a critic with the WGAN-GP objective.
+
+    Each :meth:`train_step` updates the critic once on the given real batch;
+    every ``critic_steps``-th step the generator is updated too. The critic
+    works on images in ``[-1, 1]`` (the generator's unit range), whatever the
+    data's normalisation.
+
+    :param generator: the generator to train.
+    :param critic: the critic; by default a :class:`ConvCritic` sized from the
+        generator (conditional if the generator is).
+    :param lr: Adam's learning rate for both networks.
+    :param betas: Adam's betas (WGAN-GP's paper uses (0.5, 0.9) and (0, 0.9)).
+    :param critic_steps: critic updates per generator update.
+    :param gp_weight: weight of the gradient penalty (lambda).
+    """
+
+    def __init__(
+        self,
+        generator: ImageGenerator,
+        critic: Optional[nn.Module] = None,
+        *,
+        lr: float = 2e-4,
+        betas: Tuple[float, float] = (0.5, 0.9),
+        critic_steps: int = 5,
+        gp_weight: float = 10.0,
+    ):
+        if critic_steps < 1:
+            raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
+        self.generator = generator
+        self.critic = critic or ConvCritic(
+            generator.output_shape, num_classes=generator.num_classes
+        ).to(generator.device)
+        self.critic_steps = critic_steps
+        self.gp_weight = gp_weight
+        self.generator_optimizer = torch.optim.Adam(
+            generator.parameters(), lr=lr, betas=betas
+        )
+        self.critic_optimizer = torch.optim.Adam(
+            self.critic.parameters(), lr=lr, betas=betas
+        )
+        self.steps = 0
+        self._last_generator_loss = float("nan")
+
+    def modules(self) -> Dict[str, nn.Module]:
+        return {"critic": self.critic}
+
+    def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
+        generator, critic = self.generator, self.critic
+        condition = y if generator.is_conditional else None
+        generator.train()
+        critic.train()
+        real = generator.to_unit_range(x)
+        with torch.no_grad():
+            fake = generator.decode(generator.sample_noise(x.shape[0]), condition)
+        wasserstein = critic(real, condition).mean() - critic(fake, condition).mean()
+        penalty = gradient_penalty(critic, real, fake, condition)
+        critic_loss = -wasserstein + self.gp_weight * penalty
+        self.critic_optimizer.zero_grad()
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        self.steps += 1
+        if self.steps % self.critic_steps == 0:
+            fake = generator.decode(generator.sample_noise(x.shape[0]), condition)
+            generator_loss = -critic(fake, condition).mean()
+            self.generator_optimizer.zero_grad()
+            generator_loss.backward()
+            self.generator_optimizer.step()
+            self._last_generator_loss = generator_loss.item()
+        return {
+            "critic": critic_loss.item(),
+            "wasserstein": wasserstein.item(),
+            "gp": penalty.item(),
+            "generator": self._last_generator_loss,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.state_dict(),
+            "critic": self.critic.state_dict(),
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.critic.load_state_dict(state["critic"])
+        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.steps = state["steps"]

@@ -1,0 +1,303 @@
+"""How generated samples reach the solver: a method-agnostic replay plugin.
+
+From the second experience on, :class:`SolverReplayPlugin` adds to every
+training iteration a loss on a batch of generated inputs of past experiences,
+labelled by a frozen copy of the previous solver (or, for a class-conditional
+generator, by the requested classes). The two losses are weighed by the
+importance ratio ``r``: ``loss = r * loss_current + (1 - r) * loss_replay``
+(Shin et al., 2017). Labels can be hard (the old solver's arg-max) or soft
+(distillation with a temperature, "DGR+distill" in van de Ven & Tolias, 2019).
+
+The same bookkeeping (which classes each task label has seen, sampling inputs
+of past classes) serves the generator-training plugins, so it lives here too.
+"""
+
+from copy import deepcopy
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.models.generator import Generator
+from avalanche.models.utils import avalanche_forward
+from torch import Tensor, nn
+
+__all__ = [
+    "PastClasses",
+    "Replay",
+    "SolverReplayPlugin",
+    "frozen_copy",
+    "experience_classes",
+    "experience_task_label",
+    "check_generator_shape",
+    "sample_past_inputs",
+    "restrict_logits",
+    "distillation_loss",
+]
+
+_MASKED = -1e9  # finite, so that p * log p stays 0 (not NaN) on masked classes
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy in eval mode whose parameters take no gradient."""
+    copy = deepcopy(module)
+    copy.eval()
+    for parameter in copy.parameters():
+        parameter.requires_grad_(False)
+    return copy
+
+
+def experience_classes(experience) -> List[int]:
+    """The classes of an experience, with a clear error where none are known."""
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is None:
+        targets = getattr(getattr(experience, "dataset", None), "targets", None)
+        if targets is None:
+            raise ValueError(
+                "the experience carries no class information "
+                "(classes_in_this_experience or dataset.targets), which "
+                "labelling replay needs"
+            )
+        classes = torch.as_tensor(list(targets)).unique().tolist()
+    return sorted(int(c) for c in classes)
+
+
+def experience_task_label(experience) -> int:
+    """The experience's task label (0 for streams without task labels)."""
+    labels = getattr(experience, "task_labels", None) or [0]
+    if len(labels) != 1:
+        raise ValueError(
+            f"an experience with several task labels {labels} is not supported"
+        )
+    return int(labels[0])
+
+
+def check_generator_shape(generator: Generator, experience) -> None:
+    """Raises ``ValueError`` if the generator's samples and the data differ in
+    shape (e.g. channels or image size), before any training."""
+    dataset = experience.dataset
+    if len(dataset) == 0:
+        raise ValueError(
+            f"experience {experience.current_experience} has an empty dataset"
+        )
+    data_shape = tuple(dataset[0][0].shape)
+    generator_shape = getattr(generator, "output_shape", None)
+    if generator_shape is None:
+        training = generator.training
+        generator.eval()
+        with torch.no_grad():
+            condition = None
+            if getattr(generator, "num_classes", None) is not None:
+                condition = torch.zeros(2, dtype=torch.long)
+            generator_shape = tuple(generator.generate(2, condition).shape[1:])
+        generator.train(training)
+    if tuple(generator_shape) != data_shape:
+        raise ValueError(
+            f"the generator makes samples of shape {tuple(generator_shape)} but "
+            f"the data has shape {data_shape}: build the generator for the "
+            f"benchmark's input shape"
+        )
+
+
+class PastClasses:
+    """Which classes were seen under which task label, experience by experience."""
+
+    def __init__(self):
+        self.by_task: Dict[int, List[int]] = {}
+        self.experiences = 0
+
+    def add(self, task_label: int, classes: Sequence[int]) -> None:
+        known = self.by_task.setdefault(task_label, [])
+        known.extend(c for c in classes if c not in known)
+        known.sort()
+        self.experiences += 1
+
+    @property
+    def classes(self) -> List[int]:
+        return sorted({c for cs in self.by_task.values() for c in cs})
+
+    def __bool__(self) -> bool:
+        return self.experiences > 0
+
+    def state_dict(self) -> dict:
+        return {"by_task": dict(self.by_task), "experiences": self.experiences}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.by_task = {int(t): list(c) for t, c in state["by_task"].items()}
+        self.experiences = state["experiences"]
+
+
+class Replay(NamedTuple):
+    """A batch of replay: inputs, labels, task labels and the old solver's
+    logits (restricted to each sample's allowed classes; ``None`` if unused)."""
+
+    x: Tensor
+    y: Tensor
+    t: Tensor
+    logits: Optional[Tensor]
+
+
+def restrict_logits(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Masks the logits of classes a sample may not take (``allowed`` is a
+    boolean ``(batch, classes)`` mask)."""
+    return logits.masked_fill(~allowed, _MASKED)
+
+
+def distillation_loss(
+    logits: Tensor, target_logits: Tensor, allowed: Tensor, temperature: float
+) -> Tensor:
+    """KL divergence between tempered softmaxes over the allowed classes,
+    scaled by ``temperature ** 2`` (Hinton et al., 2015)."""
+    log_p = F.log_softmax(restrict_logits(logits, allowed) / temperature, dim=1)
+    q = F.softmax(restrict_logits(target_logits, allowed) / temperature, dim=1)
+    return (q * (q.clamp_min(1e-12).log() - log_p)).sum(1).mean() * temperature**2
+
+
+def _balanced(values: Sequence[int], n: int, device) -> Tensor:
+    """``n`` draws from ``values``, each value equally often (up to one)."""
+    values = torch.as_tensor(list(values), device=device)
+    order = torch.randperm(n, device=device) % len(values)
+    return values[order]
+
+
+def sample_past_inputs(
+    generator: Generator, n: int, past: PastClasses, device
+) -> tuple:
+    """Samples ``n`` inputs of past experiences.
+
+    A conditional generator gets an equal number of samples per past class;
+    an unconditional one samples freely. Task labels are those of the
+    requested classes, or drawn evenly among past task labels.
+
+    :return: ``(x, conditions or None, task_labels)``.
+    """
+    if getattr(generator, "num_classes", None) is not None:
+        pairs = [(t, c) for t, cs in past.by_task.items() for c in cs]
+        picks = _balanced(range(len(pairs)), n, device)
+        conditions = torch.tensor([pairs[i][1] for i in picks.tolist()], device=device)
+        tasks = torch.tensor([pairs[i][0] for i in picks.tolist()], device=device)
+        x = generator.generate(n, conditions)
+        return x.to(device), conditions, tasks
+    tasks = _balanced(sorted(past.by_task), n, device)
+    return generator.generate(n).to(device), None, tasks
+
+
+class SolverReplayPlugin(SupervisedPlugin):
+    """Replays generated inputs of past experiences to the solver.
+
+    Works with any :class:`avalanche.models.generator.Generator` (e.g. this
+    package's GANs and diffusion models, or Avalanche's ``MlpVAE``), in
+    class-incremental (one head; labels restricted to the classes seen so
+    far), task-incremental (task labels passed through to a
+    ``MultiTaskModule``; labels restricted to the classes of each task) and
+    domain-incremental streams. The generator is trained elsewhere, e.g. by
+    :class:`avl_genreplay.generator_training.GeneratorTrainingPlugin`.
+
+    :param generator: the generator whose samples are replayed. A frozen copy
+        taken before each experience is sampled, so a generator trained
+        alongside the solver does not replay its own half-learned samples.
+    :param importance_ratio: ``r``, the weight of the loss on current data;
+        replay gets ``1 - r``. ``None`` (DGR's default) uses ``1 / t`` where
+        ``t`` is the number of experiences seen, current one included.
+    :param replay_mb_size: replayed samples per iteration; ``None`` for as many
+        as the current minibatch holds.
+    :param soft_targets: learn the old solver's tempered probabilities
+        (distillation) instead of its arg-max labels.
+    :param temperature: distillation temperature for ``soft_targets``.
+    :param relabel: for a class-conditional generator, label samples by the
+        old solver instead of by the requested class.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        importance_ratio: Optional[float] = None,
+        replay_mb_size: Optional[int] = None,
+        soft_targets: bool = False,
+        temperature: float = 2.0,
+        relabel: bool = False,
+    ):
+        super().__init__()
+        if importance_ratio is not None and not 0.0 <= importance_ratio <= 1.0:
+            raise ValueError(
+                f"importance_ratio must lie in [0, 1], got {importance_ratio}"
+            )
+        if replay_mb_size is not None and replay_mb_size < 1:
+            raise ValueError(f"replay_mb_size must be >= 1, got {replay_mb_size}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.generator = generator
+        self.importance_ratio = importance_ratio
+        self.replay_mb_size = replay_mb_size
+        self.soft_targets = soft_targets
+        self.temperature = temperature
+        self.relabel = relabel
+        self.past = PastClasses()
+        self.old_solver: Optional[nn.Module] = None
+        self.old_generator: Optional[Generator] = None
+        self.last_replay: Optional[Replay] = None
+
+    def current_ratio(self) -> float:
+        """The weight of the current data's loss for the experience at hand."""
+        if self.importance_ratio is not None:
+            return self.importance_ratio
+        return 1.0 / (self.past.experiences + 1)
+
+    def before_training_exp(self, strategy, **kwargs):
+        check_generator_shape(self.generator, strategy.experience)
+        experience_classes(strategy.experience)  # fails early without classes
+        if self.past:
+            self.old_solver = frozen_copy(strategy.model)
+            self.old_generator = frozen_copy(self.generator)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.past.add(
+            experience_task_label(strategy.experience),
+            experience_classes(strategy.experience),
+        )
+        self.old_solver = self.old_generator = None
+        self.last_replay = None
+
+    def allowed_classes(self, tasks: Tensor, num_outputs: int) -> Tensor:
+        """Boolean ``(batch, outputs)`` mask of the past classes of each
+        sample's task label."""
+        allowed = torch.zeros(len(tasks), num_outputs, dtype=torch.bool)
+        for task, classes in self.past.by_task.items():
+            columns = torch.zeros(num_outputs, dtype=torch.bool)
+            columns[[c for c in classes if c < num_outputs]] = True
+            allowed[(tasks == task).cpu()] = columns
+        return allowed.to(tasks.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, device) -> Replay:
+        """A labelled batch of ``n`` replayed samples of past experiences."""
+        x, conditions, tasks = sample_past_inputs(
+            self.old_generator, n, self.past, device
+        )
+        need_solver = conditions is None or self.relabel or self.soft_targets
+        logits = None
+        y = conditions
+        if need_solver:
+            raw = avalanche_forward(self.old_solver, x, tasks)
+            logits = restrict_logits(raw, self.allowed_classes(tasks, raw.shape[1]))
+            if conditions is None or self.relabel:
+                y = logits.argmax(dim=1)
+        return Replay(x, y, tasks, logits)
+
+    def before_backward(self, strategy, **kwargs):
+        if self.old_generator is None:
+            return
+        n = self.replay_mb_size or len(strategy.mb_x)
+        replay = self.sample(n, strategy.device)
+        self.last_replay = replay
+        output = avalanche_forward(strategy.model, replay.x, replay.t)
+        if self.soft_targets:
+            allowed = self.allowed_classes(replay.t, output.shape[1])
+            replay_loss = distillation_loss(
+                output, replay.logits, allowed, self.temperature
+            )
+        else:
+            replay_loss = strategy._criterion(output, replay.y)
+        ratio = self.current_ratio()
+        strategy.loss = ratio * strategy.loss + (1 - ratio) * replay_loss
