@@ -86,10 +86,11 @@ def check_generator_shape(generator: Generator, experience) -> None:
         training = generator.training
         generator.eval()
         with torch.no_grad():
-            condition = None
             if getattr(generator, "num_classes", None) is not None:
-                condition = torch.zeros(2, dtype=torch.long)
-            generator_shape = tuple(generator.generate(2, condition).shape[1:])
+                samples = generator.generate(2, torch.zeros(2, dtype=torch.long))
+            else:  # e.g. Avalanche's MlpVAE, whose generate takes no condition
+                samples = generator.generate(2)
+            generator_shape = tuple(samples.shape[1:])
         generator.train(training)
     if tuple(generator_shape) != data_shape:
         raise ValueError(
@@ -146,9 +147,12 @@ def restrict_logits(logits: Tensor, allowed: Tensor) -> Tensor:
 def distillation_loss(
     logits: Tensor, target_logits: Tensor, allowed: Tensor, temperature: float
 ) -> Tensor:
-    """KL divergence between tempered softmaxes over the allowed classes,
-    scaled by ``temperature ** 2`` (Hinton et al., 2015)."""
-    log_p = F.log_softmax(restrict_logits(logits, allowed) / temperature, dim=1)
+    """KL divergence from the teacher's tempered softmax over the allowed
+    classes to the student's over all outputs, scaled by ``temperature ** 2``
+    (Hinton et al., 2015). The student is not restricted: in a single head,
+    mass it puts on classes the teacher rules out (e.g. the current
+    experience's) is what replay must take away."""
+    log_p = F.log_softmax(logits / temperature, dim=1)
     q = F.softmax(restrict_logits(target_logits, allowed) / temperature, dim=1)
     return (q * (q.clamp_min(1e-12).log() - log_p)).sum(1).mean() * temperature**2
 

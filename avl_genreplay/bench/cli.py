@@ -138,11 +138,11 @@ def _output_folder(path: str) -> Path:
     return folder
 
 
-def _loggers(args, folder: Path, name: str, seed: int) -> list:
+def _loggers(args, folder: Path, stem: str, name: str, seed: int) -> list:
     from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
 
-    logs = folder / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = folder / "logs" / stem
+    logs.mkdir(parents=True, exist_ok=True)
     loggers = [
         InteractiveLogger(),
         TextLogger(open(logs / f"{name}_seed{seed}.txt", "w")),
@@ -151,18 +151,19 @@ def _loggers(args, folder: Path, name: str, seed: int) -> list:
     if args.tensorboard:
         from avalanche.logging import TensorboardLogger
 
-        loggers.append(TensorboardLogger(str(folder / "tb" / f"{name}_seed{seed}")))
+        loggers.append(
+            TensorboardLogger(str(folder / "tb" / stem / f"{name}_seed{seed}"))
+        )
     return loggers
 
 
-def _image_saver(folder: Path, stem: str, loggers: list, benchmark):
+def _image_saver(images: Path, run_name: str, loggers: list, benchmark):
     """Saves (and logs to TensorBoard) a grid of replayed samples per past class
     after each experience of a generative strategy."""
     from avalanche.logging import TensorboardLogger
     from avalanche.models import MultiTaskModule
     from torchvision.utils import save_image
 
-    images = folder / "replay"
     boards = [log for log in loggers if isinstance(log, TensorboardLogger)]
 
     def save(strategy, index: int) -> None:
@@ -182,10 +183,10 @@ def _image_saver(folder: Path, stem: str, loggers: list, benchmark):
         if labeller is not None:
             labeller.eval()
         grid = replay_grid(generator, seen, labeller=labeller)
-        images.mkdir(exist_ok=True)
-        save_image(grid, images / f"{stem}_exp{index}.png")
+        images.mkdir(parents=True, exist_ok=True)
+        save_image(grid, images / f"{run_name}_exp{index}.png")
         for board in boards:
-            board.writer.add_image(f"replay/{stem}", grid, index)
+            board.writer.add_image(f"replay/{run_name}", grid, index)
 
     return save
 
@@ -239,11 +240,13 @@ def bench(args, argv: List[str]) -> int:
                 seed=seed,
                 first_experience_half=args.first_half,
             )
-            loggers = _loggers(args, folder, name, seed)
+            loggers = _loggers(args, folder, stem, name, seed)
             saver = (
                 None
                 if args.no_images
-                else _image_saver(folder, f"{name}_seed{seed}", loggers, benchmark)
+                else _image_saver(
+                    folder / "replay" / stem, f"{name}_seed{seed}", loggers, benchmark
+                )
             )
             print(f"== {name}, seed {seed}", flush=True)
             run = run_strategy(

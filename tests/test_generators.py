@@ -1,0 +1,69 @@
+"""The WGAN-GP generator and its training step."""
+
+import math
+
+import pytest
+import torch
+
+from avl_genreplay.generators.wgan_gp import ConvCritic, ConvGenerator, WGANGPTrainer
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 12, 12)])
+def test_samples_have_the_data_shape(shape):
+    generator = ConvGenerator(shape, channels=8)
+    samples = generator.generate(5)
+    assert samples.shape == (5, *shape)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_critic_scores_one_value_per_sample(shape):
+    critic = ConvCritic(shape, channels=8)
+    assert critic(torch.randn(4, *shape)).shape[0] == 4
+    assert critic(torch.randn(4, *shape)).numel() == 4
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_wgan_gp_losses_are_finite_and_move_the_generator(conditional):
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    generator = ConvGenerator(shape, channels=8, num_classes=4 if conditional else None)
+    trainer = WGANGPTrainer(generator, critic_steps=2, lr=1e-3)
+    before = [p.detach().clone() for p in generator.parameters()]
+    x = torch.rand(16, *shape)
+    y = torch.randint(0, 4, (16,)) if conditional else None
+    history = [trainer.train_step(x, y) for _ in range(4)]
+    for losses in history[1:]:
+        assert set(losses) == {"critic", "wasserstein", "gp", "generator"}
+        assert all(math.isfinite(v) for v in losses.values())
+    after = list(generator.parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_outputs_take_the_range_of_the_data():
+    generator = ConvGenerator((1, 12, 12), channels=8)
+    generator.calibrate_range(torch.rand(32, 1, 12, 12) * 2 + 3)  # data in [3, 5]
+    samples = generator.generate(64)
+    assert samples.min() >= generator.range_low.min() - 1e-5
+    assert samples.max() <= generator.range_high.max() + 1e-5
+    assert generator.range_low.item() >= 3.0 and generator.range_high.item() <= 5.0
+    # calibrated once: a later experience keeps the first range
+    generator.calibrate_range(torch.zeros(4, 1, 12, 12))
+    assert generator.range_low.item() >= 3.0
+
+
+def test_conditional_generator_rejects_bad_conditions():
+    generator = ConvGenerator((1, 12, 12), channels=8, num_classes=3)
+    assert generator.generate(4, torch.tensor([0, 1, 2, 0])).shape == (4, 1, 12, 12)
+    with pytest.raises(ValueError, match="conditional"):
+        generator.generate(4)
+    with pytest.raises(ValueError, match="outside"):
+        generator.generate(2, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="one class label per sample"):
+        generator.generate(3, torch.tensor([0, 1]))
+
+
+def test_bad_generator_arguments_are_refused():
+    with pytest.raises(ValueError, match="output_shape"):
+        ConvGenerator((28, 28))
+    with pytest.raises(ValueError, match="critic_steps"):
+        WGANGPTrainer(ConvGenerator((1, 12, 12), channels=8), critic_steps=0)

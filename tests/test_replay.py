@@ -1,0 +1,309 @@
+"""The method-agnostic solver replay plugin and the generator-training plugin."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.models import MlpVAE, SimpleMLP, as_multitask
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+
+from avl_genreplay.bench.data import synthetic_benchmark
+from avl_genreplay.generator_training import GeneratorTrainingPlugin
+from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
+from avl_genreplay.replay import SolverReplayPlugin
+from avl_genreplay.strategies import DGR
+
+SHAPE = (1, 12, 12)
+
+
+def quiet():
+    return EvaluationPlugin(loggers=[])
+
+
+def solver(num_classes=6):
+    return SimpleMLP(
+        num_classes=num_classes, input_size=144, hidden_size=32, drop_rate=0
+    )
+
+
+class Recorder(SupervisedPlugin):
+    """Records, at each backward, the minibatch, the replay and the loss."""
+
+    def __init__(self, replay_plugin):
+        super().__init__()
+        self.replay_plugin = replay_plugin
+        self.records = []
+
+    def before_backward(self, strategy, **kwargs):
+        self.records.append(
+            dict(
+                experience=strategy.experience.current_experience,
+                mb_size=len(strategy.mb_x),
+                replay=self.replay_plugin.last_replay,
+                loss=strategy.loss.detach().clone(),
+            )
+        )
+
+    def of(self, experience):
+        return [r for r in self.records if r["experience"] == experience]
+
+
+def small_dgr(model, **kwargs):
+    kwargs.setdefault("generator", ConvGenerator(SHAPE, channels=8))
+    return DGR(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        generator_iterations=3,
+        progress_bar=False,
+        train_mb_size=10,
+        evaluator=quiet(),
+        **kwargs,
+    )
+
+
+def test_replay_minibatches_have_the_asked_size_and_past_labels_only(tiny_stream):
+    strategy = small_dgr(solver(), replay_mb_size=7)
+    recorder = Recorder(strategy.replay_plugin)
+    strategy.plugins.append(recorder)
+    for experience in tiny_stream.train_stream:
+        strategy.train(experience)
+    assert all(r["replay"] is None for r in recorder.of(0))
+    for index, past in ((1, {0, 1}), (2, {0, 1, 2, 3})):
+        records = recorder.of(index)
+        assert records and all(r["mb_size"] == 10 for r in records[:-1])
+        for record in records:
+            replay = record["replay"]
+            assert replay.x.shape == (7, *SHAPE) and replay.y.shape == (7,)
+            assert set(replay.y.tolist()) <= past
+            assert torch.isfinite(record["loss"])
+
+
+def test_replay_batch_defaults_to_the_current_minibatch_size(tiny_stream):
+    strategy = small_dgr(solver())
+    recorder = Recorder(strategy.replay_plugin)
+    strategy.plugins.append(recorder)
+    for experience in tiny_stream.train_stream[:2]:
+        strategy.train(experience)
+    for record in recorder.of(1):
+        assert len(record["replay"].x) == record["mb_size"]
+
+
+def test_old_solver_and_generator_stay_frozen(tiny_stream):
+    strategy = small_dgr(solver())
+    plugin = strategy.replay_plugin
+    snapshots = {}
+
+    class Snapshot(SupervisedPlugin):
+        def before_training_epoch(self, strategy, **kwargs):
+            snapshots["start"] = [
+                [p.clone() for p in m.parameters()]
+                for m in (plugin.old_solver, plugin.old_generator)
+            ]
+
+        def after_training_epoch(self, strategy, **kwargs):
+            snapshots["end"] = [
+                list(m.parameters()) for m in (plugin.old_solver, plugin.old_generator)
+            ]
+            snapshots["training"] = (
+                plugin.old_solver.training,
+                plugin.old_generator.training,
+            )
+
+    strategy.train(tiny_stream.train_stream[0])
+    strategy.plugins.append(Snapshot())
+    strategy.train(tiny_stream.train_stream[1])
+    for start, end in zip(snapshots["start"], snapshots["end"]):
+        for a, b in zip(start, end):
+            assert torch.equal(a, b) and not b.requires_grad
+    assert snapshots["training"] == (False, False)
+    # the live networks did learn meanwhile
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(snapshots["start"][0], strategy.model.parameters())
+    )
+
+
+def test_loss_weighs_current_and_replay_by_the_ratio_in_naive_by_hand(tiny_stream):
+    """The plugins also work added to Avalanche's Naive; with r = 0.25 the loss
+    is 0.25 * loss(current) + 0.75 * loss(replay)."""
+    model = solver()
+    generator = ConvGenerator(SHAPE, channels=8)
+    replay = SolverReplayPlugin(generator, importance_ratio=0.25, replay_mb_size=5)
+    before = Recorder(replay)
+    after = Recorder(replay)
+    training = GeneratorTrainingPlugin(
+        WGANGPTrainer(generator), train_iterations=2, progress_bar=False
+    )
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),  # loss unaffected
+        train_mb_size=8,
+        evaluator=quiet(),
+        plugins=[before, replay, after, training],
+    )
+    strategy.train(tiny_stream.train_stream[0])
+    strategy.train(tiny_stream.train_stream[1])
+    for first, second in zip(before.of(1), after.of(1)):
+        batch = second["replay"]
+        replay_loss = F.cross_entropy(model(batch.x), batch.y)
+        expected = 0.25 * first["loss"] + 0.75 * replay_loss
+        assert torch.allclose(second["loss"], expected, atol=1e-5)
+
+
+def test_default_ratio_is_the_share_of_the_current_task(tiny_stream):
+    strategy = small_dgr(solver())
+    ratios = []
+
+    class Ratio(SupervisedPlugin):
+        def before_training_exp(self, strategy, **kwargs):
+            ratios.append(strategy.replay_plugin.current_ratio())
+
+    strategy.plugins.append(Ratio())
+    for experience in tiny_stream.train_stream:
+        strategy.train(experience)
+    assert ratios == pytest.approx([1.0, 1 / 2, 1 / 3])
+
+
+def test_soft_targets_distil_over_past_classes(tiny_stream):
+    strategy = small_dgr(solver(), soft_targets=True, temperature=2.0)
+    recorder = Recorder(strategy.replay_plugin)
+    strategy.plugins.append(recorder)
+    for experience in tiny_stream.train_stream[:2]:
+        strategy.train(experience)
+    for record in recorder.of(1):
+        probabilities = F.softmax(record["replay"].logits, dim=1)
+        assert torch.all(probabilities[:, 2:] < 1e-6)  # only classes 0 and 1
+        assert torch.isfinite(record["loss"])
+
+
+def test_task_incremental_replay_passes_task_labels_to_the_heads():
+    stream = synthetic_benchmark(
+        input_shape=SHAPE, num_classes=6, n_experiences=3, per_class=16, scenario="task"
+    )
+    model = as_multitask(solver(), "classifier")
+    strategy = small_dgr(model)
+    recorder = Recorder(strategy.replay_plugin)
+    strategy.plugins.append(recorder)
+    for experience in stream.train_stream:
+        strategy.train(experience)
+    for record in recorder.of(2):
+        replay = record["replay"]
+        assert set(replay.t.tolist()) == {0, 1}
+        for task, classes in ((0, {0, 1}), (1, {2, 3})):
+            assert set(replay.y[replay.t == task].tolist()) <= classes
+
+
+def test_domain_incremental_replay_uses_the_shared_labels():
+    stream = synthetic_benchmark(
+        input_shape=SHAPE,
+        num_classes=6,
+        n_experiences=3,
+        per_class=16,
+        scenario="domain",
+    )
+    strategy = small_dgr(solver(num_classes=2))
+    recorder = Recorder(strategy.replay_plugin)
+    strategy.plugins.append(recorder)
+    for experience in stream.train_stream:
+        strategy.train(experience)
+    assert recorder.of(2)
+    for record in recorder.of(2):
+        assert set(record["replay"].y.tolist()) <= {0, 1}
+
+
+def test_conditional_generator_replays_each_past_class_equally(tiny_stream):
+    generator = ConvGenerator(SHAPE, channels=8, num_classes=6)
+    strategy = small_dgr(solver(), generator=generator, replay_mb_size=40)
+    recorder = Recorder(strategy.replay_plugin)
+    strategy.plugins.append(recorder)
+    for experience in tiny_stream.train_stream:
+        strategy.train(experience)
+    counts = torch.bincount(recorder.of(2)[0]["replay"].y, minlength=6)
+    assert counts[:4].tolist() == [10, 10, 10, 10] and counts[4:].sum() == 0
+
+
+def test_generator_batches_mix_real_data_and_replay(tiny_stream):
+    seen = []
+
+    class RecordingTrainer(WGANGPTrainer):
+        def train_step(self, x, y=None):
+            seen.append((len(x), self.generator.training))
+            return super().train_step(x, y)
+
+    generator = ConvGenerator(SHAPE, channels=8)
+    plugin = GeneratorTrainingPlugin(
+        RecordingTrainer(generator),
+        train_iterations=4,
+        train_mb_size=12,
+        progress_bar=False,
+    )
+    model = solver()
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        evaluator=quiet(),
+        plugins=[plugin],
+    )
+    strategy.train(tiny_stream.train_stream[0])
+    assert plugin.current_replay_share() == pytest.approx(1 / 2)
+    strategy.train(tiny_stream.train_stream[1])
+    assert plugin.current_replay_share() == pytest.approx(2 / 3)
+    assert [n for n, _ in seen] == [12] * 8
+    assert len(plugin.loss_history) == 2
+
+
+def test_avalanche_mlp_vae_is_a_replay_generator(tiny_stream):
+    """Avalanche's own generator fits the plugin (its generate takes no
+    condition)."""
+    model = solver()
+    replay = SolverReplayPlugin(MlpVAE(SHAPE, nhid=4), replay_mb_size=6)
+    recorder = Recorder(replay)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_mb_size=10,
+        evaluator=quiet(),
+        plugins=[replay, recorder],
+    )
+    strategy.train(tiny_stream.train_stream[0])
+    strategy.train(tiny_stream.train_stream[1])
+    assert all(r["replay"].x.shape == (6, *SHAPE) for r in recorder.of(1))
+
+
+def test_generator_of_the_wrong_shape_fails_before_training(tiny_stream):
+    model = solver()
+    weights = [p.clone() for p in model.parameters()]
+    strategy = small_dgr(model, generator=ConvGenerator((3, 12, 12), channels=8))
+    with pytest.raises(ValueError, match=r"shape \(3, 12, 12\).*\(1, 12, 12\)"):
+        strategy.train(tiny_stream.train_stream[0])
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(importance_ratio=1.5), "importance_ratio"),
+        (dict(importance_ratio=-0.1), "importance_ratio"),
+        (dict(replay_mb_size=0), "replay_mb_size"),
+        (dict(temperature=0.0), "temperature"),
+    ],
+)
+def test_bad_replay_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SolverReplayPlugin(ConvGenerator(SHAPE, channels=8), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(replay_share=2.0), "replay_share"),
+        (dict(train_mb_size=0), "train_mb_size"),
+        (dict(schedule="before"), "schedule"),
+        (dict(train_iterations=0), "train_iterations"),
+    ],
+)
+def test_bad_generator_training_settings_are_refused(kwargs, message):
+    trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8))
+    with pytest.raises(ValueError, match=message):
+        GeneratorTrainingPlugin(trainer, **kwargs)
