@@ -12,6 +12,7 @@ The same bookkeeping (which classes each task label has seen, sampling inputs
 of past classes) serves the generator-training plugins, so it lives here too.
 """
 
+from collections import Counter
 from copy import deepcopy
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -241,6 +242,10 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.old_solver: Optional[nn.Module] = None
         self.old_generator: Optional[Generator] = None
         self.last_replay: Optional[Replay] = None
+        # labels replayed in each experience, to see which classes the
+        # generator still covers (a collapsed one replays few classes)
+        self.replayed_class_counts: List[Dict[int, int]] = []
+        self._counts: Counter = Counter()
 
     def current_ratio(self) -> float:
         """The weight of the current data's loss for the experience at hand."""
@@ -254,6 +259,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         if self.past:
             self.old_solver = frozen_copy(strategy.model)
             self.old_generator = frozen_copy(self.generator)
+        self._counts: Counter = Counter()
 
     def after_training_exp(self, strategy, **kwargs):
         self.past.add(
@@ -262,6 +268,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         )
         self.old_solver = self.old_generator = None
         self.last_replay = None
+        self.replayed_class_counts.append(dict(sorted(self._counts.items())))
 
     def allowed_classes(self, tasks: Tensor, num_outputs: int) -> Tensor:
         """Boolean ``(batch, outputs)`` mask of the past classes of each
@@ -295,6 +302,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         n = self.replay_mb_size or len(strategy.mb_x)
         replay = self.sample(n, strategy.device)
         self.last_replay = replay
+        self._counts.update(replay.y.tolist())
         output = avalanche_forward(strategy.model, replay.x, replay.t)
         if self.soft_targets:
             allowed = self.allowed_classes(replay.t, output.shape[1])

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--first-half",
         action="store_true",
-        help="SplitCIFAR100: first experience holds 50 classes",
+        help="SplitCIFAR100: the first experience holds 50 classes, the others share "
+        "the rest (with --experiences 6: 10 per experience; 11: 5 per experience)",
     )
     bench.add_argument(
         "--epochs",
@@ -200,6 +201,8 @@ def bench(args, argv: List[str]) -> int:
         raise CLIError(
             f"unknown scenario {args.scenario!r}; choose from {', '.join(data.SCENARIOS)}"
         )
+    if args.first_half and args.benchmark != "splitcifar100":
+        raise CLIError("--first-half applies to splitcifar100 only")
     try:
         config = load_config(args.benchmark, args.config, quick=args.quick)
     except (FileNotFoundError, ValueError) as error:

@@ -26,14 +26,25 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_config(benchmark: str, path: Optional[Path] = None, quick: bool = False):
-    """The config of ``benchmark`` (or the file at ``path``); with ``quick``,
-    its ``[quick]`` table applied on top."""
-    path = Path(path) if path else CONFIG_DIR / f"{benchmark}.toml"
+def _load_raw(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no config file {path}")
     with path.open("rb") as handle:
         config = tomllib.load(handle)
+    parent = config.pop("inherit", None)
+    if parent is not None:  # beside this file, else among the package's configs
+        parent_path = path.with_name(f"{parent}.toml")
+        if not parent_path.is_file():
+            parent_path = CONFIG_DIR / f"{parent}.toml"
+        config = merge(_load_raw(parent_path), config)
+    return config
+
+
+def load_config(benchmark: str, path: Optional[Path] = None, quick: bool = False):
+    """The config of ``benchmark`` (or the file at ``path``); with ``quick``,
+    its ``[quick]`` table applied on top. A config may name another with
+    ``inherit = "NAME"`` and hold only what differs from it."""
+    config = _load_raw(Path(path) if path else CONFIG_DIR / f"{benchmark}.toml")
     quick_table = config.pop("quick", {})
     if quick:
         config = merge(config, quick_table)

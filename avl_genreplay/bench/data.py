@@ -128,6 +128,8 @@ def make_benchmark(
             f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}"
         )
     spec = BENCHMARKS[name]
+    if first_experience_half and name != "splitcifar100":
+        raise ValueError("a first experience of half the classes is for splitcifar100")
     check_data_root(spec, data_root)
     kwargs = dict(
         n_experiences=n_experiences,
@@ -152,6 +154,7 @@ def synthetic_benchmark(
     per_class: int = 4,
     scenario: str = "class",
     seed: int = 0,
+    first_experience_half: bool = False,
 ):
     """A small random stand-in with a real benchmark's shape (e.g. CIFAR-100's
     3x32x32 and 100 classes), built with Avalanche's ``nc_benchmark``; for
@@ -175,6 +178,7 @@ def synthetic_benchmark(
         task_labels=scenario == "task",
         fixed_class_order=list(range(num_classes)),
         class_ids_from_zero_in_each_exp=scenario == "domain",
+        per_exp_classes={0: num_classes // 2} if first_experience_half else None,
     )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "run_strategy",
     "summarise",
     "generator_of",
+    "replayed_class_counts",
     "module_bytes",
 ]
 
@@ -77,6 +78,13 @@ def module_bytes(module: Optional[torch.nn.Module]) -> Optional[int]:
 def generator_of(strategy) -> Optional[torch.nn.Module]:
     """The generator of a generative strategy, ``None`` for the others."""
     return getattr(strategy, "generator", None)
+
+
+def replayed_class_counts(strategy) -> Optional[list]:
+    """Per experience, how often each class was replayed to the solver
+    (``None`` for strategies without this package's replay plugin)."""
+    plugin = getattr(strategy, "replay_plugin", None)
+    return getattr(plugin, "replayed_class_counts", None)
 
 
 def _metric(results: dict, prefix: str) -> Dict[int, float]:
@@ -165,6 +173,7 @@ def run_strategy(
         "wall_seconds": wall,
         "peak_ram_mb": max(ram) if ram else None,
         "generator_bytes": module_bytes(generator_of(strategy)),
+        "replayed_class_counts": replayed_class_counts(strategy),
     }
 
 

@@ -143,7 +143,8 @@ def _dgr(ctx: StrategyContext, **settings):
     from avl_genreplay.strategies import DGR
 
     kwargs = ctx.template_kwargs()
-    return DGR(input_shape=ctx.input_shape, progress_bar=True, **settings, **kwargs)
+    settings.setdefault("progress_bar", True)
+    return DGR(input_shape=ctx.input_shape, **settings, **kwargs)
 
 
 STRATEGIES: Dict[str, Callable] = {

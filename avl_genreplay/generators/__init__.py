@@ -1,0 +1,12 @@
+"""Generators (models and their training steps) for generative replay."""
+
+from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
+from avl_genreplay.generators.wgan_gp import ConvCritic, ConvGenerator, WGANGPTrainer
+
+__all__ = [
+    "ImageGenerator",
+    "GeneratorTrainer",
+    "ConvGenerator",
+    "ConvCritic",
+    "WGANGPTrainer",
+]

@@ -1,0 +1,68 @@
+"""Deep Generative Replay on class-incremental SplitMNIST, in a few lines.
+
+    python examples/dgr_splitmnist.py --data-root ../shared/data
+
+Without ``--data-root`` (or ``$AVL_GENREPLAY_DATA``), Avalanche downloads MNIST.
+The same plugins can be added by hand to any Avalanche strategy::
+
+    generator = ConvGenerator((1, 28, 28))
+    plugins = [
+        SolverReplayPlugin(generator),
+        GeneratorTrainingPlugin(WGANGPTrainer(generator, critic_steps=1)),
+    ]
+    Naive(model=model, optimizer=optimizer, plugins=plugins)
+"""
+
+import argparse
+import os
+
+import torch
+from avalanche.benchmarks.classic import SplitMNIST
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+from avalanche.logging import InteractiveLogger
+from avalanche.models import SimpleMLP
+from avalanche.training.plugins import EvaluationPlugin
+
+from avl_genreplay import DGR
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=os.environ.get("AVL_GENREPLAY_DATA"))
+    parser.add_argument("--experiences", type=int, default=5)
+    parser.add_argument("--generator-iterations", type=int, default=800)
+    parser.add_argument("--train-subset", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    benchmark = SplitMNIST(
+        n_experiences=5,
+        fixed_class_order=list(range(10)),
+        dataset_root=args.data_root,
+    )
+    model = SimpleMLP(num_classes=10, hidden_size=400, hidden_layers=2, drop_rate=0)
+    strategy = DGR(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        input_shape=(1, 28, 28),  # the default WGAN-GP is built for this shape
+        generator_iterations=args.generator_iterations,
+        generator_lr=1e-3,
+        critic_steps=1,
+        train_mb_size=128,
+        train_epochs=2,
+        evaluator=EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True),
+            forgetting_metrics(experience=True, stream=True),
+            loggers=[InteractiveLogger()],
+        ),
+    )
+    results = None
+    for experience in benchmark.train_stream[: args.experiences]:
+        if args.train_subset:
+            experience.dataset = experience.dataset.subset(range(args.train_subset))
+        strategy.train(experience)
+        results = strategy.eval(benchmark.test_stream[: args.experiences])
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The benchmark harness: data roots, configs, the CIFAR-shaped path and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from avl_genreplay.bench import data
+from avl_genreplay.bench.cli import main
+from avl_genreplay.bench.config import load_config
+from avl_genreplay.bench.runner import RunSpec, run_strategy
+
+
+def test_data_root_comes_from_the_flag_then_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path / "env"))
+    assert data.resolve_data_root(None) == tmp_path / "env"
+    assert data.resolve_data_root(str(tmp_path / "flag")) == tmp_path / "flag"
+    monkeypatch.delenv(data.DATA_ROOT_ENV)
+    assert data.resolve_data_root(None) is None  # Avalanche's default
+
+
+def test_a_data_root_without_the_dataset_is_refused(tmp_path):
+    with pytest.raises(data.DataRootError, match="does not hold splitmnist"):
+        data.make_benchmark("splitmnist", data_root=tmp_path)
+    with pytest.raises(data.DataRootError, match="not a directory"):
+        data.make_benchmark("splitfmnist", data_root=tmp_path / "missing")
+
+
+def test_real_splitmnist_has_the_fixed_class_order(mnist):
+    classes = [e.classes_in_this_experience for e in mnist.train_stream]
+    assert classes == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert mnist.train_stream[0].dataset[0][0].shape == (1, 28, 28)
+
+
+def test_every_benchmark_has_a_config_with_every_runnable_strategy():
+    for name in data.BENCHMARKS:
+        config = load_config(name)
+        assert config["solver"] and set(config["run"]) <= set(config["strategies"])
+        quick = load_config(name, quick=True)
+        assert quick["seeds"] == [0] and quick["train_subset"]
+    assert load_config("splitcifar100")["solver"]["model"] == "slim_resnet18"
+
+
+@pytest.mark.parametrize("first_half", [False, True])
+def test_cifar_shaped_runs_with_a_small_resnet(first_half):
+    stream = data.synthetic_benchmark(
+        input_shape=(3, 32, 32),
+        num_classes=100,
+        n_experiences=6 if first_half else 10,
+        per_class=2,
+        first_experience_half=first_half,
+    )
+    sizes = [len(e.classes_in_this_experience) for e in stream.train_stream]
+    assert sizes == ([50] + [10] * 5 if first_half else [10] * 10)
+    config = load_config("splitcifar100", quick=True)
+    run = run_strategy(
+        RunSpec(
+            strategy="dgr",
+            seed=0,
+            solver=config["solver"],
+            settings=dict(config["strategies"]["dgr"], progress_bar=False),
+            input_shape=(3, 32, 32),
+            num_classes=100,
+            scenario="class",
+            device=torch.device("cpu"),
+        ),
+        _first_experiences(stream, 2),
+    )
+    assert len(run["accuracy_matrix"]) == 2 and len(run["accuracy_matrix"][0]) == 2
+    assert run["generator_bytes"] > 0
+
+
+class _Truncated:
+    """The first ``n`` experiences of a benchmark's streams."""
+
+    def __init__(self, benchmark, n):
+        self.train_stream = benchmark.train_stream[:n]
+        self.test_stream = benchmark.test_stream[:n]
+
+
+def _first_experiences(benchmark, n):
+    return _Truncated(benchmark, n)
+
+
+def _tiny_config(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        'inherit = "splitmnist"\n'
+        "train_subset = 300\n"
+        "[solver]\ntrain_epochs = 1\n"
+        "[strategies.dgr]\ngenerator_iterations = 10\n"
+    )
+    return path
+
+
+def test_cli_writes_results_table_and_plots(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "bench",
+            "--strategies",
+            "naive,dgr",
+            "--seeds",
+            "0",
+            "1",
+            "--experiences",
+            "5",
+            "--data-root",
+            str(data_root),
+            "--config",
+            str(_tiny_config(tmp_path)),
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "splitmnist_class_il.json").read_text())
+    assert results["n_experiences"] == 5 and results["train_subset"] == 300
+    for name in ("naive", "dgr"):
+        entry = results["strategies"][name]
+        assert entry["seeds"] == [0, 1] and len(entry["runs"]) == 2
+        for run in entry["runs"]:
+            matrix = run["accuracy_matrix"]
+            assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
+            assert run["final_avg_acc"] == pytest.approx(sum(matrix[-1]) / 5)
+            assert -1 <= run["avg_forgetting"] <= 1 and run["wall_seconds"] > 0
+            assert run["peak_ram_mb"] > 0
+        assert 0 <= entry["final_avg_acc"] <= 1 and entry["final_avg_acc_std"] >= 0
+    assert results["strategies"]["dgr"]["generator_bytes"] > 0
+    assert results["strategies"]["naive"]["generator_bytes"] is None
+    table = (out / "splitmnist_class_il.md").read_text()
+    assert sum(line.startswith("| naive") for line in table.splitlines()) == 1
+    assert sum(line.startswith("| dgr") for line in table.splitlines()) == 1
+    for png in [
+        out / "splitmnist_class_il_accuracy.png",
+        out / "splitmnist_class_il_matrices.png",
+        out / "replay" / "splitmnist_class_il" / "dgr_seed0_exp4.png",
+    ]:
+        with Image.open(png) as image:
+            assert image.size[0] > 10 and image.size[1] > 10
+    assert not (
+        out / "replay" / "splitmnist_class_il" / "naive_seed0_exp0.png"
+    ).exists()
+    assert "| dgr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--strategies", "naive,bogus"], "unknown strategy bogus"),
+        (["--benchmark", "splitcifar10"], "unknown benchmark 'splitcifar10'"),
+        (["--scenario", "online"], "unknown scenario"),
+        (["--data-root", "/nonexistent/data"], "is not a directory"),
+        (["--device", "cuda:7"], "does not exist"),
+        (["--first-half"], "splitcifar100 only"),
+    ],
+)
+def test_cli_errors_are_one_line_and_nonzero(arguments, message, tmp_path, capsys):
+    code = main(["bench", "--output", str(tmp_path / "out"), *arguments])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "splitmnist_class_il.json").exists()
+
+
+def test_cli_refuses_an_output_folder_it_cannot_write(data_root, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = main(
+        ["bench", "--data-root", str(data_root), "--output", str(blocker / "x")]
+    )
+    error = capsys.readouterr().err
+    assert (
+        code == 2 and "not writable" in error and len(error.strip().splitlines()) == 1
+    )
+
+
+def test_python_dash_m_entry_point_reports_errors_with_exit_code():
+    completed = subprocess.run(
+        [sys.executable, "-m", "avl_genreplay", "bench", "--strategies", "bogus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert "avl-genreplay: error: unknown strategy bogus" in completed.stderr
