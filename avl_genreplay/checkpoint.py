@@ -1,0 +1,55 @@
+"""Checkpoint and resume, through Avalanche's own mechanism.
+
+Thin wrappers of :func:`avalanche.checkpointing.save_checkpoint` and
+:func:`avalanche.checkpointing.maybe_load_checkpoint`. The whole strategy is
+pickled, so every plugin's state (generator and its optimiser, the frozen
+previous solver and generator, classes seen) travels with it, and Avalanche
+stores the RNG states.
+
+Why wrap them: once a torch (2.x) optimiser has stepped, torch patches its
+class's ``step``, after which ``dill`` no longer finds the class by name and
+tries to pickle it by value, which fails ("Can't pickle sentinel"). Pickling
+classes by reference while checkpointing avoids it; nothing else changes.
+"""
+
+import warnings
+from contextlib import contextmanager
+from typing import Any, Collection, Optional
+
+import dill
+from avalanche.checkpointing import checkpoint as _avalanche
+
+__all__ = ["save_checkpoint", "maybe_load_checkpoint"]
+
+
+@contextmanager
+def _classes_by_reference():
+    previous = dill.settings["byref"]
+    dill.settings["byref"] = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dill.PicklingWarning)
+            yield
+    finally:
+        dill.settings["byref"] = previous
+
+
+def save_checkpoint(strategy, fname, exclude: Optional[Collection[str]] = None):
+    """Saves the strategy's state (see Avalanche's ``save_checkpoint``); call it
+    between experiences, e.g. after each ``strategy.train(experience)``."""
+    with _classes_by_reference():
+        _avalanche.save_checkpoint(strategy, fname, exclude=exclude)
+
+
+def maybe_load_checkpoint(
+    strategy, fname, map_location: Any = None, unique_objects: Any = None
+):
+    """Restores a saved strategy if ``fname`` exists (see Avalanche's
+    ``maybe_load_checkpoint``).
+
+    :return: ``(strategy, index of the next experience to train)``.
+    """
+    with _classes_by_reference():
+        return _avalanche.maybe_load_checkpoint(
+            strategy, fname, map_location=map_location, unique_objects=unique_objects
+        )
