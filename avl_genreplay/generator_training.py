@@ -9,16 +9,19 @@ generator step per solver iteration.
 """
 
 import math
+from copy import deepcopy
 from typing import Dict, List, Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiTaskModule
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from avl_genreplay.generators.base import GeneratorTrainer
 from avl_genreplay.replay import (
     PastClasses,
+    check_generator_classes,
     check_generator_shape,
     experience_classes,
     experience_task_label,
@@ -26,7 +29,22 @@ from avl_genreplay.replay import (
     sample_past_inputs,
 )
 
-__all__ = ["GeneratorTrainingPlugin"]
+__all__ = ["GeneratorTrainingPlugin", "GeneratorTrainingError"]
+
+
+class GeneratorTrainingError(RuntimeError):
+    """Generator training that kept failing after rollbacks."""
+
+
+def _spread(x: torch.Tensor) -> float:
+    """Mean per-pixel standard deviation across a batch (0 for a collapse)."""
+    return x.float().std(dim=0).mean().item() if len(x) > 1 else float("nan")
+
+
+def _nonfinite(losses: Dict[str, float]) -> Optional[str]:
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    return f"the {', '.join(bad)} loss is not finite" if bad else None
+
 
 _SCHEDULES = ("after", "alongside")
 
@@ -54,6 +72,23 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         included, so every experience weighs the same.
     :param progress_bar: show a progress bar with the losses.
     :param num_workers: data loader workers for the generator's data.
+    :param guard: watch the training (with ``schedule="after"``): a loss that
+        is NaN or infinite, samples of near-zero variance (checked every
+        ``check_every`` steps) or, at the end of the experience, samples the
+        solver puts almost all (``max_class_share``) in one class roll the
+        trainer back to its last good state (saved every ``check_every``
+        steps) with the learning rate times ``lr_decay``; after
+        ``max_retries`` rollbacks in one experience,
+        :class:`GeneratorTrainingError` stops the run, so the solver never
+        learns from a broken generator. Rollbacks are listed in
+        :attr:`rollbacks`.
+    :param check_every: steps between sample checks and saved good states.
+    :param check_samples: samples drawn for a check.
+    :param max_retries: rollbacks allowed per experience.
+    :param lr_decay: learning-rate factor applied at each rollback.
+    :param min_spread: the samples' mean per-pixel standard deviation must be
+        at least this share of the real data's.
+    :param max_class_share: most samples the solver may put in one class.
     """
 
     def __init__(
@@ -67,6 +102,13 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         replay_share: Optional[float] = None,
         progress_bar: bool = True,
         num_workers: int = 0,
+        guard: bool = True,
+        check_every: int = 100,
+        check_samples: int = 128,
+        max_retries: int = 3,
+        lr_decay: float = 0.5,
+        min_spread: float = 0.05,
+        max_class_share: float = 0.95,
     ):
         super().__init__()
         if schedule not in _SCHEDULES:
@@ -79,6 +121,10 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             raise ValueError(f"train_iterations must be >= 1, got {train_iterations}")
         if train_epochs is not None and train_epochs < 1:
             raise ValueError(f"train_epochs must be >= 1, got {train_epochs}")
+        if check_every < 1 or check_samples < 2:
+            raise ValueError("check_every must be >= 1 and check_samples >= 2")
+        if max_retries < 0 or not 0.0 < lr_decay <= 1.0:
+            raise ValueError("max_retries must be >= 0 and lr_decay in (0, 1]")
         self.trainer = trainer
         self.generator = trainer.generator
         self.train_iterations = train_iterations
@@ -92,6 +138,14 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         self.old_generator = None
         self.experience_index = 0
         self.loss_history: List[Dict[str, float]] = []
+        self.guard = guard
+        self.check_every = check_every
+        self.check_samples = check_samples
+        self.max_retries = max_retries
+        self.lr_decay = lr_decay
+        self.min_spread = min_spread
+        self.max_class_share = max_class_share
+        self.rollbacks: List[dict] = []
 
     def current_replay_share(self) -> float:
         if not self.past:
@@ -100,9 +154,12 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             return self.replay_share
         return self.past.experiences / (self.past.experiences + 1)
 
-    def before_training_exp(self, strategy, **kwargs):
+    def before_train_dataset_adaptation(self, strategy, **kwargs):
+        # the first callback of an experience: fail before anything is trained
         check_generator_shape(self.generator, strategy.experience)
-        experience_classes(strategy.experience)
+        check_generator_classes(self.generator, strategy.experience)
+
+    def before_training_exp(self, strategy, **kwargs):
         self.generator.to(strategy.device)
         self.old_generator = frozen_copy(self.generator) if self.past else None
         self.experience_index = strategy.experience.current_experience
@@ -128,6 +185,11 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             return self.train_iterations
         return self.train_epochs * math.ceil(dataset_size / max(real_per_batch, 1))
 
+    def _batches(self, loader):
+        """Batches of the loader, epoch after epoch, without end."""
+        while True:
+            yield from loader
+
     def _train_on_experience(self, strategy):
         share = self.current_replay_share()
         n_replay = round(self.train_mb_size * share)
@@ -147,23 +209,111 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             disable=not self.progress_bar,
             leave=False,
         )
-        done, totals = 0, {}
-        while done < iterations:
-            for batch in loader:
-                x, y = batch[0].to(strategy.device), batch[1].to(strategy.device)
-                if n_real == 0:
-                    x, y = x[:0], y[:0]
-                losses = self._train_step(x, y, strategy.device, n_replay)
-                for name, value in losses.items():
-                    totals[name] = totals.get(name, 0.0) + value
-                done += 1
-                bar.update(1)
-                if done % 50 == 0:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
-                if done >= iterations:
-                    break
+        good_state, good_step = deepcopy(self.trainer.state_dict()), 0
+        retries, done = 0, 0
+        totals: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        data_spread = None
+        for x, y, *_ in self._batches(loader):
+            if done >= iterations:
+                break
+            x, y = x.to(strategy.device), y.to(strategy.device)
+            if data_spread is None:
+                data_spread = _spread(x)
+            if n_real == 0:
+                x, y = x[:0], y[:0]
+            losses = self._train_step(x, y, strategy.device, n_replay)
+            done += 1
+            problem = None
+            if self.guard:
+                problem = _nonfinite(losses)
+                if problem is None and done % self.check_every == 0:
+                    problem = self._check_samples(data_spread, strategy, final=False)
+                # a short run (< check_every steps) is not judged by classes
+                if problem is None and done == iterations >= self.check_every:
+                    problem = self._check_samples(data_spread, strategy, final=True)
+            if problem is not None:
+                retries += 1
+                if retries > self.max_retries:
+                    bar.close()
+                    raise GeneratorTrainingError(
+                        f"generator training failed at experience "
+                        f"{self.experience_index}, step {done}: {problem}; rolled "
+                        f"back and lowered the learning rate {self.max_retries} "
+                        f"times"
+                    )
+                self.trainer.load_state_dict(good_state)
+                self.trainer.scale_learning_rate(self.lr_decay)
+                self.rollbacks.append(
+                    dict(
+                        experience=self.experience_index,
+                        step=done,
+                        reason=problem,
+                        resumed_from=good_step,
+                    )
+                )
+                done = good_step
+                bar.reset(total=iterations)
+                bar.update(done)
+                continue
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + 1
+            bar.update(1)
+            if done % 50 == 0:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+            if self.guard and done % self.check_every == 0:
+                good_state, good_step = deepcopy(self.trainer.state_dict()), done
         bar.close()
-        self.loss_history.append({k: v / max(done, 1) for k, v in totals.items()})
+        self.loss_history.append({k: totals[k] / counts[k] for k in totals})
+
+    @torch.no_grad()
+    def _check_samples(self, data_spread: float, strategy, final: bool):
+        """A description of what is wrong with the generator's samples, or
+        ``None``: near-zero variance across samples; at the end of an
+        experience, also samples the solver puts almost all in one class."""
+        classes = sorted(
+            set(self.past.classes) | set(experience_classes(strategy.experience))
+        )
+        seen = PastClasses()
+        seen.add(0, classes)
+        training = self.generator.training
+        self.generator.eval()
+        samples, _, _ = sample_past_inputs(
+            self.generator, self.check_samples, seen, strategy.device
+        )
+        self.generator.train(training)
+        spread = _spread(samples)
+        if not math.isfinite(spread):
+            return "the samples are not finite"
+        if spread < self.min_spread * data_spread:
+            return (
+                f"the samples have near-zero variance ({spread:.3g}, the data "
+                f"{data_spread:.3g})"
+            )
+        solver = strategy.model
+        if (
+            not final
+            or self.generator.is_conditional
+            or len(classes) < 2
+            or isinstance(solver, MultiTaskModule)
+        ):
+            return None
+        training = solver.training
+        solver.eval()
+        logits = solver(samples)
+        solver.train(training)
+        allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        allowed[[c for c in classes if c < logits.shape[1]]] = True
+        predicted = logits.masked_fill(~allowed, -float("inf")).argmax(dim=1)
+        share = torch.bincount(predicted).max().item() / len(predicted)
+        if share > self.max_class_share:
+            top = torch.bincount(predicted).argmax().item()
+            return (
+                f"the solver puts {share:.0%} of the samples in class {top} of "
+                f"{len(classes)} seen"
+            )
+        return None
 
     def _train_step(
         self,

@@ -31,6 +31,7 @@ __all__ = [
     "experience_classes",
     "experience_task_label",
     "check_generator_shape",
+    "check_generator_classes",
     "sample_past_inputs",
     "restrict_logits",
     "distillation_loss",
@@ -98,6 +99,23 @@ def check_generator_shape(generator: Generator, experience) -> None:
             f"the generator makes samples of shape {tuple(generator_shape)} but "
             f"the data has shape {data_shape}: build the generator for the "
             f"benchmark's input shape"
+        )
+
+
+def check_generator_classes(generator: Generator, experience) -> None:
+    """Raises ``ValueError`` if the experience carries no class information,
+    which labelling replay needs, or if a class-conditional generator does not
+    know all its classes (before any training)."""
+    classes = experience_classes(experience)
+    num_classes = getattr(generator, "num_classes", None)
+    if num_classes is None:
+        return
+    unknown = [c for c in classes if not 0 <= c < num_classes]
+    if unknown:
+        raise ValueError(
+            f"experience {experience.current_experience} holds classes {unknown} "
+            f"that the conditional generator does not know (it has "
+            f"{num_classes} classes, 0..{num_classes - 1})"
         )
 
 
@@ -253,9 +271,12 @@ class SolverReplayPlugin(SupervisedPlugin):
             return self.importance_ratio
         return 1.0 / (self.past.experiences + 1)
 
-    def before_training_exp(self, strategy, **kwargs):
+    def before_train_dataset_adaptation(self, strategy, **kwargs):
+        # the first callback of an experience: fail before anything is trained
         check_generator_shape(self.generator, strategy.experience)
-        experience_classes(strategy.experience)  # fails early without classes
+        check_generator_classes(self.generator, strategy.experience)
+
+    def before_training_exp(self, strategy, **kwargs):
         if self.past:
             self.old_solver = frozen_copy(strategy.model)
             self.old_generator = frozen_copy(self.generator)

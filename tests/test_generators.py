@@ -32,8 +32,10 @@ def test_wgan_gp_losses_are_finite_and_move_the_generator(conditional):
     x = torch.rand(16, *shape)
     y = torch.randint(0, 4, (16,)) if conditional else None
     history = [trainer.train_step(x, y) for _ in range(4)]
-    for losses in history[1:]:
-        assert set(losses) == {"critic", "wasserstein", "gp", "generator"}
+    # the generator steps every second critic step
+    assert ["generator" in losses for losses in history] == [False, True] * 2
+    for losses in history:
+        assert {"critic", "wasserstein", "gp"} <= set(losses)
         assert all(math.isfinite(v) for v in losses.values())
     after = list(generator.parameters())
     assert any(not torch.equal(b, a) for b, a in zip(before, after))

@@ -1,4 +1,5 @@
-"""Resumable, deterministic runs."""
+"""Reliability: resumable and deterministic runs, guarded generator training,
+inputs validated before any training."""
 
 import pytest
 import torch
@@ -9,7 +10,13 @@ from avalanche.models import SimpleMLP
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 
-from avl_genreplay.generators.wgan_gp import ConvGenerator
+from avalanche.training import Naive
+
+from avl_genreplay.generator_training import (
+    GeneratorTrainingError,
+    GeneratorTrainingPlugin,
+)
+from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
 from avl_genreplay.strategies import DGR
 
 SHAPE = (1, 12, 12)
@@ -104,3 +111,185 @@ def test_a_run_killed_after_experience_2_resumes_to_the_same_result(
     assert _same_weights(strategy.generator, whole.generator)
     # the plugins hold the restored generator, not the fresh one
     assert strategy.replay_plugin.generator is strategy.generator
+
+
+# --- guarded generator training ---------------------------------------------
+
+
+class NaNAt(WGANGPTrainer):
+    """A WGAN-GP trainer whose generator turns NaN at the given steps (counted
+    over the whole run, retries included)."""
+
+    def __init__(self, generator, at, **kwargs):
+        super().__init__(generator, **kwargs)
+        self.at = set(at)
+        self.calls = 0
+
+    def train_step(self, x, y=None):
+        losses = super().train_step(x, y)
+        self.calls += 1
+        if self.calls in self.at:
+            with torch.no_grad():
+                for parameter in self.generator.parameters():
+                    parameter.fill_(float("nan"))
+            losses["generator"] = float("nan")
+        return losses
+
+
+def _naive_with(trainer, stream, experiences=1, **plugin_kwargs):
+    model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
+    plugin = GeneratorTrainingPlugin(trainer, progress_bar=False, **plugin_kwargs)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_mb_size=16,
+        evaluator=EvaluationPlugin(loggers=[]),
+        plugins=[plugin],
+    )
+    for experience in stream.train_stream[:experiences]:
+        strategy.train(experience)
+    return plugin
+
+
+def test_a_nan_generator_is_rolled_back_with_a_lower_learning_rate(tiny_stream):
+    generator = ConvGenerator(SHAPE, channels=8)
+    trainer = NaNAt(generator, at=[7], lr=1e-3, critic_steps=1)
+    plugin = _naive_with(
+        trainer, tiny_stream, train_iterations=10, check_every=5, max_class_share=1.0
+    )
+    assert len(plugin.rollbacks) == 1
+    rollback = plugin.rollbacks[0]
+    assert rollback["experience"] == 0 and rollback["step"] == 7
+    assert rollback["resumed_from"] == 5 and "not finite" in rollback["reason"]
+    assert trainer.calls == 12  # 7 steps, then steps 6..10 again
+    assert all(torch.isfinite(p).all() for p in generator.parameters())
+    for optimizer in trainer.optimizers():
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_generator_training_stops_with_a_clear_error_after_the_retries(tiny_stream):
+    generator = ConvGenerator(SHAPE, channels=8)
+    trainer = NaNAt(generator, at=range(1, 100), critic_steps=1)
+    with pytest.raises(
+        GeneratorTrainingError, match=r"experience 0, step 1: .*2 times"
+    ):
+        _naive_with(trainer, tiny_stream, train_iterations=10, max_retries=2)
+
+
+class Collapsing(WGANGPTrainer):
+    """Zeroes the generator's last layer: every sample is the same image."""
+
+    def train_step(self, x, y=None):
+        losses = super().train_step(x, y)
+        with torch.no_grad():
+            self.generator.upsample[-2].weight.zero_()
+        return losses
+
+
+def test_samples_of_near_zero_variance_are_a_collapse(tiny_stream):
+    trainer = Collapsing(ConvGenerator(SHAPE, channels=8), critic_steps=1)
+    with pytest.raises(GeneratorTrainingError, match="near-zero variance"):
+        _naive_with(trainer, tiny_stream, train_iterations=6, check_every=2)
+
+
+def test_samples_all_put_in_one_class_are_a_collapse(tiny_stream):
+    trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8), critic_steps=1)
+    model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
+    with torch.no_grad():
+        model.classifier.bias[0] = 1e4  # the solver calls everything class 0
+    plugin = GeneratorTrainingPlugin(
+        trainer, train_iterations=4, check_every=4, max_retries=1, progress_bar=False
+    )
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        evaluator=EvaluationPlugin(loggers=[]),
+        plugins=[plugin],
+    )
+    with pytest.raises(GeneratorTrainingError, match="100% of the samples in class 0"):
+        strategy.train(tiny_stream.train_stream[0])
+
+
+# --- inputs validated before any training -------------------------------------
+
+
+def _untouched(model, weights) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def _dgr_with(model, **kwargs):
+    kwargs.setdefault("generator", ConvGenerator(SHAPE, channels=8))
+    return DGR(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        generator_iterations=2,
+        progress_bar=False,
+        evaluator=EvaluationPlugin(loggers=[]),
+        **kwargs,
+    )
+
+
+def _mlp():
+    return SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
+
+
+def test_a_class_the_conditional_generator_does_not_know(tiny_stream):
+    model = _mlp()
+    weights = [p.clone() for p in model.parameters()]
+    generator = ConvGenerator(SHAPE, channels=8, num_classes=2)
+    strategy = _dgr_with(model, generator=generator)
+    strategy.train(tiny_stream.train_stream[0])  # classes 0 and 1: known
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"classes \[2, 3\] that the conditional"):
+        strategy.train(tiny_stream.train_stream[1])
+    assert _untouched(model, weights)
+
+
+def test_an_empty_experience(tiny_stream):
+    model = _mlp()
+    weights = [p.clone() for p in model.parameters()]
+    experience = tiny_stream.train_stream[0]
+    experience.dataset = experience.dataset.subset([])
+    with pytest.raises(ValueError, match="empty dataset"):
+        _dgr_with(model).train(experience)
+    assert _untouched(model, weights)
+
+
+def test_a_stream_without_class_information():
+    from types import SimpleNamespace
+
+    from avl_genreplay.replay import check_generator_classes
+
+    experience = SimpleNamespace(
+        classes_in_this_experience=None,
+        dataset=SimpleNamespace(targets=None),
+        current_experience=0,
+    )
+    with pytest.raises(ValueError, match="no class information"):
+        check_generator_classes(ConvGenerator(SHAPE, channels=8), experience)
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "tpu", "cpu:x"])
+def test_a_device_that_does_not_exist(device):
+    model = _mlp()
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="device"):
+        _dgr_with(model, device=device)
+    assert _untouched(model, weights)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(importance_ratio=1.01), "importance_ratio"),
+        (dict(replay_mb_size=0), "replay_mb_size"),
+        (dict(generator_mb_size=0), "train_mb_size"),
+        (dict(critic_steps=0), "critic_steps"),
+    ],
+)
+def test_ratios_and_batch_sizes_out_of_range(kwargs, message):
+    model = _mlp()
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        _dgr_with(model, **kwargs)
+    assert _untouched(model, weights)

@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 from avl_genreplay.bench import data
+from avl_genreplay.devices import check_device
 from avl_genreplay.bench.config import load_config, merge
 from avl_genreplay.bench.report import (
     markdown_table,
@@ -112,17 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _device(name: str) -> torch.device:
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise CLIError(f"bad device {name!r}: {error}") from None
-    if device.type == "cuda" and (
-        not torch.cuda.is_available()
-        or (device.index or 0) >= torch.cuda.device_count()
-    ):
-        raise CLIError(f"device {name!r} does not exist on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise CLIError(f"unsupported device {name!r}")
-    return device
+        return check_device(name)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def _output_folder(path: str) -> Path:

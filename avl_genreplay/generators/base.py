@@ -7,7 +7,7 @@ hard-coded: the shape comes from the benchmark, the range from the data.
 """
 
 from abc import ABC, abstractmethod
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from avalanche.models.generator import Generator
@@ -151,7 +151,19 @@ class GeneratorTrainer(ABC):
 
     @abstractmethod
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
-        """Trains on one batch; returns the losses of the step by name."""
+        """Trains on one batch; returns the losses computed in this step by name
+        (a loss not computed in a step, e.g. the generator's between critic
+        steps, is left out)."""
+
+    def optimizers(self) -> List[torch.optim.Optimizer]:
+        """The trainer's optimisers (for lowering the learning rate)."""
+        return []
+
+    def scale_learning_rate(self, factor: float) -> None:
+        """Multiplies the learning rate of every optimiser by ``factor``."""
+        for optimizer in self.optimizers():
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
 
     def start_experience(self, experience_index: int) -> None:
         """Called before the generator learns an experience (no-op by default)."""

@@ -4,7 +4,7 @@ The networks are small DCGAN-style convolutional nets whose sizes follow the
 image shape (two stride-2 stages, so 28x28 starts from 7x7 and 32x32 from 8x8).
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -175,10 +175,12 @@ class WGANGPTrainer(GeneratorTrainer):
             self.critic.parameters(), lr=lr, betas=betas
         )
         self.steps = 0
-        self._last_generator_loss = float("nan")
 
     def modules(self) -> Dict[str, nn.Module]:
         return {"critic": self.critic}
+
+    def optimizers(self) -> List[torch.optim.Optimizer]:
+        return [self.generator_optimizer, self.critic_optimizer]
 
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
         generator, critic = self.generator, self.critic
@@ -195,6 +197,11 @@ class WGANGPTrainer(GeneratorTrainer):
         critic_loss.backward()
         self.critic_optimizer.step()
 
+        losses = {
+            "critic": critic_loss.item(),
+            "wasserstein": wasserstein.item(),
+            "gp": penalty.item(),
+        }
         self.steps += 1
         if self.steps % self.critic_steps == 0:
             fake = generator.decode(generator.sample_noise(x.shape[0]), condition)
@@ -202,13 +209,8 @@ class WGANGPTrainer(GeneratorTrainer):
             self.generator_optimizer.zero_grad()
             generator_loss.backward()
             self.generator_optimizer.step()
-            self._last_generator_loss = generator_loss.item()
-        return {
-            "critic": critic_loss.item(),
-            "wasserstein": wasserstein.item(),
-            "gp": penalty.item(),
-            "generator": self._last_generator_loss,
-        }
+            losses["generator"] = generator_loss.item()
+        return losses
 
     def state_dict(self) -> dict:
         return {

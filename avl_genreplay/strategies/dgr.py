@@ -12,6 +12,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
+from avl_genreplay.devices import check_device
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
@@ -95,6 +96,7 @@ class DGR(SupervisedTemplate):
         eval_every: int = -1,
         **base_kwargs,
     ):
+        device = check_device(device)
         if generator is None:
             if generator_trainer is not None:
                 generator = generator_trainer.generator
