@@ -35,6 +35,7 @@ __all__ = [
     "sample_past_inputs",
     "restrict_logits",
     "distillation_loss",
+    "class_balancing_weights",
 ]
 
 _MASKED = -1e9  # finite, so that p * log p stays 0 (not NaN) on masked classes
@@ -164,16 +165,31 @@ def restrict_logits(logits: Tensor, allowed: Tensor) -> Tensor:
 
 
 def distillation_loss(
-    logits: Tensor, target_logits: Tensor, allowed: Tensor, temperature: float
+    logits: Tensor,
+    target_logits: Tensor,
+    allowed: Tensor,
+    temperature: float,
+    weights: Optional[Tensor] = None,
 ) -> Tensor:
     """KL divergence from the teacher's tempered softmax over the allowed
     classes to the student's over all outputs, scaled by ``temperature ** 2``
     (Hinton et al., 2015). The student is not restricted: in a single head,
     mass it puts on classes the teacher rules out (e.g. the current
-    experience's) is what replay must take away."""
+    experience's) is what replay must take away. ``weights``, one per sample
+    and summing to one, replace the mean over samples."""
     log_p = F.log_softmax(logits / temperature, dim=1)
     q = F.softmax(restrict_logits(target_logits, allowed) / temperature, dim=1)
-    return (q * (q.clamp_min(1e-12).log() - log_p)).sum(1).mean() * temperature**2
+    per_sample = (q * (q.clamp_min(1e-12).log() - log_p)).sum(1)
+    reduced = per_sample.mean() if weights is None else (weights * per_sample).sum()
+    return reduced * temperature**2
+
+
+def class_balancing_weights(labels: Tensor) -> Tensor:
+    """Per-sample weights, summing to one, that give every label present in
+    the batch the same total weight."""
+    counts = torch.bincount(labels)
+    weights = 1.0 / counts[labels].float()
+    return weights / weights.sum()
 
 
 def _balanced(values: Sequence[int], n: int, device) -> Tensor:
@@ -229,6 +245,10 @@ class SolverReplayPlugin(SupervisedPlugin):
     :param temperature: distillation temperature for ``soft_targets``.
     :param relabel: for a class-conditional generator, label samples by the
         old solver instead of by the requested class.
+    :param balance_classes: weigh each replayed sample by the inverse
+        frequency of its label in the batch (cross-entropy or distillation),
+        so that classes an unconditional generator under-produces still count
+        as much as the others.
     """
 
     def __init__(
@@ -240,6 +260,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         soft_targets: bool = False,
         temperature: float = 2.0,
         relabel: bool = False,
+        balance_classes: bool = False,
     ):
         super().__init__()
         if importance_ratio is not None and not 0.0 <= importance_ratio <= 1.0:
@@ -256,6 +277,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.soft_targets = soft_targets
         self.temperature = temperature
         self.relabel = relabel
+        self.balance_classes = balance_classes
         self.past = PastClasses()
         self.old_solver: Optional[nn.Module] = None
         self.old_generator: Optional[Generator] = None
@@ -325,11 +347,15 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.last_replay = replay
         self._counts.update(replay.y.tolist())
         output = avalanche_forward(strategy.model, replay.x, replay.t)
+        weights = class_balancing_weights(replay.y) if self.balance_classes else None
         if self.soft_targets:
             allowed = self.allowed_classes(replay.t, output.shape[1])
             replay_loss = distillation_loss(
-                output, replay.logits, allowed, self.temperature
+                output, replay.logits, allowed, self.temperature, weights
             )
+        elif weights is not None:
+            per_sample = F.cross_entropy(output, replay.y, reduction="none")
+            replay_loss = (weights * per_sample).sum()
         else:
             replay_loss = strategy._criterion(output, replay.y)
         ratio = self.current_ratio()

@@ -307,3 +307,40 @@ def test_bad_generator_training_settings_are_refused(kwargs, message):
     trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8))
     with pytest.raises(ValueError, match=message):
         GeneratorTrainingPlugin(trainer, **kwargs)
+
+
+def test_class_balancing_gives_every_replayed_label_the_same_weight():
+    from avl_genreplay.replay import class_balancing_weights
+
+    labels = torch.tensor([0, 0, 0, 1, 3, 3])
+    weights = class_balancing_weights(labels)
+    assert weights.sum().item() == pytest.approx(1.0)
+    totals = [weights[labels == c].sum().item() for c in (0, 1, 3)]
+    assert totals == pytest.approx([1 / 3] * 3)
+
+
+def test_balanced_replay_loss_is_the_class_weighted_cross_entropy(tiny_stream):
+    from avl_genreplay.replay import class_balancing_weights
+
+    model = solver()
+    generator = ConvGenerator(SHAPE, channels=8)
+    replay = SolverReplayPlugin(
+        generator, importance_ratio=0.5, replay_mb_size=9, balance_classes=True
+    )
+    before, after = Recorder(replay), Recorder(replay)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        train_mb_size=8,
+        evaluator=quiet(),
+        plugins=[before, replay, after],
+    )
+    strategy.train(tiny_stream.train_stream[0])
+    strategy.train(tiny_stream.train_stream[1])
+    assert after.of(1)
+    for first, second in zip(before.of(1), after.of(1)):
+        batch = second["replay"]
+        per_sample = F.cross_entropy(model(batch.x), batch.y, reduction="none")
+        balanced = (class_balancing_weights(batch.y) * per_sample).sum()
+        expected = 0.5 * first["loss"] + 0.5 * balanced
+        assert torch.allclose(second["loss"], expected, atol=1e-5)

@@ -55,6 +55,9 @@ class DGR(SupervisedTemplate):
         the size of the current minibatch.
     :param soft_targets: distil the old solver's probabilities (DGR+distill).
     :param temperature: distillation temperature.
+    :param balance_classes: weigh replayed samples so that every replayed
+        class counts the same (see
+        :class:`~avl_genreplay.replay.SolverReplayPlugin`).
     :param progress_bar: show the generator's progress bar.
     :param train_mb_size: the solver's minibatch size.
     :param train_epochs: the solver's epochs per experience.
@@ -84,6 +87,7 @@ class DGR(SupervisedTemplate):
         replay_mb_size: Optional[int] = None,
         soft_targets: bool = False,
         temperature: float = 2.0,
+        balance_classes: bool = False,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -118,6 +122,7 @@ class DGR(SupervisedTemplate):
             replay_mb_size=replay_mb_size,
             soft_targets=soft_targets,
             temperature=temperature,
+            balance_classes=balance_classes,
         )
         self.generator_plugin = GeneratorTrainingPlugin(
             generator_trainer,
