@@ -156,6 +156,7 @@ def test_cli_writes_results_table_and_plots(data_root, tmp_path, capsys):
         (["--data-root", "/nonexistent/data"], "is not a directory"),
         (["--device", "cuda:7"], "does not exist"),
         (["--first-half"], "splitcifar100 only"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_cli_errors_are_one_line_and_nonzero(arguments, message, tmp_path, capsys):

@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"dataset folder (default: ${data.DATA_ROOT_ENV}, else Avalanche's, downloading)",
     )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's; 1 to run two benchmarks "
+        "side by side on two cores)",
+    )
     bench.add_argument("--output", default="benchmarks/results", help="output folder")
     bench.add_argument(
         "--config", default=None, help="config file (default: the benchmark's own)"
@@ -210,6 +217,10 @@ def bench(args, argv: List[str]) -> int:
             f"unknown strategy {', '.join(unknown)}; choose from {', '.join(sorted(STRATEGIES))}"
         )
     device = _device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     root = data.resolve_data_root(args.data_root)
     spec = data.BENCHMARKS[args.benchmark]
     try:
