@@ -12,6 +12,7 @@ from avl_genreplay.bench import data
 from avl_genreplay.bench.cli import main
 from avl_genreplay.bench.config import load_config
 from avl_genreplay.bench.runner import RunSpec, run_strategy
+from avl_genreplay.bench.strategies import STRATEGIES
 
 
 def test_data_root_comes_from_the_flag_then_the_environment(monkeypatch, tmp_path):
@@ -188,3 +189,27 @@ def test_python_dash_m_entry_point_reports_errors_with_exit_code():
     )
     assert completed.returncode == 2
     assert "avl-genreplay: error: unknown strategy bogus" in completed.stderr
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_of_the_harness_runs(name, tiny_stream):
+    config = load_config("splitmnist", quick=True)
+    settings = dict(config["strategies"].get(name, {}))
+    if name == "dgr":
+        settings.update(generator_iterations=4, progress_bar=False)
+    run = run_strategy(
+        RunSpec(
+            strategy=name,
+            seed=0,
+            solver=dict(config["solver"], train_epochs=1),
+            settings=settings,
+            input_shape=(1, 12, 12),
+            num_classes=6,
+            scenario="class",
+            device=torch.device("cpu"),
+        ),
+        _first_experiences(tiny_stream, 2),
+    )
+    rows = 1 if name == "joint" else 2
+    assert len(run["accuracy_matrix"]) == rows
+    assert all(0 <= a <= 1 for a in run["accuracy_matrix"][-1])

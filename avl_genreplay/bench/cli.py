@@ -236,7 +236,18 @@ def bench(args, argv: List[str]) -> int:
     subset = args.train_subset or config.get("train_subset")
     stem = f"{args.benchmark}_{args.scenario}_il"
     runs: List[dict] = []
-    started = time.time()
+    header = {
+        "benchmark": args.benchmark,
+        "scenario": f"{args.scenario}-incremental",
+        "n_experiences": n_experiences,
+        "train_subset": subset,
+        "solver": solver,
+        "command": "avl-genreplay " + " ".join(argv),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "started": time.time(),
+        "settings": {name: config["strategies"].get(name, {}) for name in names},
+    }
     for seed in seeds:
         for name in names:
             benchmark = data.make_benchmark(
@@ -279,25 +290,11 @@ def bench(args, argv: List[str]) -> int:
                 f"== {name}, seed {seed}: final average accuracy {run['final_avg_acc']:.4f}, {run['wall_seconds']:.0f} s",
                 flush=True,
             )
+            # written after every run so a long benchmark that is cut off
+            # still leaves what it measured
+            _write_results(folder, stem, header, runs, complete=False)
+    table = _write_results(folder, stem, header, runs, complete=True)
     summary = summarise(runs)
-    payload = {
-        "benchmark": args.benchmark,
-        "scenario": f"{args.scenario}-incremental",
-        "n_experiences": n_experiences,
-        "train_subset": subset,
-        "solver": solver,
-        "command": "avl-genreplay " + " ".join(argv),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "total_wall_seconds": time.time() - started,
-        "strategies": summary,
-        "settings": {name: config["strategies"].get(name, {}) for name in names},
-    }
-    write_json(folder / f"{stem}.json", payload)
-    table = markdown_table(summary)
-    (folder / f"{stem}.md").write_text(
-        f"# {args.benchmark}, {args.scenario}-incremental\n\n{table}"
-    )
     title = (
         f"{args.benchmark}, {args.scenario}-incremental, {n_experiences} experiences"
     )
@@ -306,6 +303,27 @@ def bench(args, argv: List[str]) -> int:
     print(table)
     print(f"results in {folder / (stem + '.json')}")
     return 0
+
+
+def _write_results(
+    folder: Path, stem: str, header: dict, runs: List[dict], complete: bool
+) -> str:
+    """Write the JSON and markdown results of the runs so far; return the table."""
+    summary = summarise(runs)
+    payload = dict(header)
+    started = payload.pop("started")
+    payload.update(
+        complete=complete,
+        total_wall_seconds=time.time() - started,
+        strategies=summary,
+    )
+    write_json(folder / f"{stem}.json", payload)
+    table = markdown_table(summary)
+    title = f"# {header['benchmark']}, {header['scenario']}"
+    if not complete:
+        title += " (partial: the run is still going or was cut off)"
+    (folder / f"{stem}.md").write_text(f"{title}\n\n{table}")
+    return table
 
 
 def main(argv: Optional[List[str]] = None) -> int:

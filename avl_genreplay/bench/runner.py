@@ -25,7 +25,12 @@ from avalanche.evaluation.metrics import (
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 
-from avl_genreplay.bench.strategies import StrategyContext, build_solver, build_strategy
+from avl_genreplay.bench.strategies import (
+    STRATEGIES,
+    StrategyContext,
+    build_solver,
+    build_strategy,
+)
 
 __all__ = [
     "RunSpec",
@@ -186,9 +191,15 @@ def _mean_std(values: List[Optional[float]]):
 
 
 def summarise(runs: List[dict]) -> Dict[str, dict]:
-    """Mean and standard deviation over seeds, per strategy."""
+    """Mean and standard deviation over seeds, per strategy.
+
+    Strategies come in the harness's order (baselines first), whatever order
+    they ran in.
+    """
     summary: Dict[str, dict] = {}
-    for name in dict.fromkeys(r["strategy"] for r in runs):
+    order = list(STRATEGIES)
+    names = dict.fromkeys(r["strategy"] for r in runs)
+    for name in sorted(names, key=lambda n: order.index(n) if n in order else 99):
         mine = [r for r in runs if r["strategy"] == name]
         entry = {"seeds": [r["seed"] for r in mine]}
         for key in (

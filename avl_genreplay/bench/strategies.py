@@ -31,6 +31,7 @@ class StrategyContext:
         return dict(
             model=self.model,
             optimizer=self.optimizer,
+            criterion=nn.CrossEntropyLoss(),
             train_mb_size=self.train_mb_size,
             train_epochs=self.train_epochs,
             eval_mb_size=256,
