@@ -1,21 +1,35 @@
 """Generative replay for continual learning, as Avalanche plugins.
 
-The strategies (:class:`DGR`) wire two plugins that also work on their own in
-any Avalanche template: :class:`SolverReplayPlugin` (generated inputs of past
-experiences replayed to the solver) and :class:`GeneratorTrainingPlugin` (the
-generator learns each experience plus its own replay).
+The strategies (:class:`DGR`, :class:`DDGR`) wire plugins that also work on
+their own in any Avalanche template: :class:`SolverReplayPlugin` (generated
+inputs of past experiences replayed to the solver),
+:class:`GeneratorTrainingPlugin` (the generator learns each experience plus
+its own replay) and :class:`ReplayPoolPlugin` (samples generated once per
+experience, for generators too slow to sample at every step).
 """
 
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
-from avl_genreplay.generators import ConvCritic, ConvGenerator, WGANGPTrainer
+from avl_genreplay.generators import (
+    ConvCritic,
+    ConvGenerator,
+    DDPMTrainer,
+    DiffusionGenerator,
+    WGANGPTrainer,
+)
 from avl_genreplay.replay import SolverReplayPlugin
-from avl_genreplay.strategies import DGR
+from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
+from avl_genreplay.strategies import DDGR, DGR
 
 __all__ = [
     "DGR",
+    "DDGR",
     "SolverReplayPlugin",
     "GeneratorTrainingPlugin",
+    "ReplayPool",
+    "ReplayPoolPlugin",
     "ConvGenerator",
     "ConvCritic",
     "WGANGPTrainer",
+    "DiffusionGenerator",
+    "DDPMTrainer",
 ]

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
+from avalanche.models.generator import Generator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -70,6 +71,11 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
     :param replay_share: share of replay in each generator batch; ``None``
         (DGR) uses ``(t - 1) / t`` with ``t`` experiences seen, current one
         included, so every experience weighs the same.
+    :param replay_generator: where replay comes from; ``None`` (DGR) for a
+        frozen copy of the generator taken before each experience, or another
+        generator, e.g. a :class:`~avl_genreplay.replay_pool.ReplayPool` of
+        samples generated once per experience (DDGR), whose sampling would
+        cost too much at every step.
     :param progress_bar: show a progress bar with the losses.
     :param num_workers: data loader workers for the generator's data.
     :param guard: watch the training (with ``schedule="after"``): a loss that
@@ -100,6 +106,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         train_mb_size: int = 64,
         schedule: str = "after",
         replay_share: Optional[float] = None,
+        replay_generator: Optional[Generator] = None,
         progress_bar: bool = True,
         num_workers: int = 0,
         guard: bool = True,
@@ -132,6 +139,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         self.train_mb_size = train_mb_size
         self.schedule = schedule
         self.replay_share = replay_share
+        self.replay_generator = replay_generator
         self.progress_bar = progress_bar
         self.num_workers = num_workers
         self.past = PastClasses()
@@ -161,7 +169,12 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         self.generator.to(strategy.device)
-        self.old_generator = frozen_copy(self.generator) if self.past else None
+        if not self.past:
+            self.old_generator = None
+        elif self.replay_generator is not None:
+            self.old_generator = self.replay_generator
+        else:
+            self.old_generator = frozen_copy(self.generator)
         self.experience_index = strategy.experience.current_experience
         self.trainer.start_experience(self.experience_index)
 

@@ -34,6 +34,7 @@ __all__ = [
     "check_generator_classes",
     "sample_past_inputs",
     "restrict_logits",
+    "past_classes_mask",
     "distillation_loss",
     "class_balancing_weights",
 ]
@@ -146,6 +147,17 @@ class PastClasses:
     def load_state_dict(self, state: dict) -> None:
         self.by_task = {int(t): list(c) for t, c in state["by_task"].items()}
         self.experiences = state["experiences"]
+
+
+def past_classes_mask(past: PastClasses, tasks: Tensor, num_outputs: int) -> Tensor:
+    """Boolean ``(batch, outputs)`` mask of the past classes of each sample's
+    task label."""
+    allowed = torch.zeros(len(tasks), num_outputs, dtype=torch.bool)
+    for task, classes in past.by_task.items():
+        columns = torch.zeros(num_outputs, dtype=torch.bool)
+        columns[[c for c in classes if c < num_outputs]] = True
+        allowed[(tasks == task).cpu()] = columns
+    return allowed.to(tasks.device)
 
 
 class Replay(NamedTuple):
@@ -316,12 +328,7 @@ class SolverReplayPlugin(SupervisedPlugin):
     def allowed_classes(self, tasks: Tensor, num_outputs: int) -> Tensor:
         """Boolean ``(batch, outputs)`` mask of the past classes of each
         sample's task label."""
-        allowed = torch.zeros(len(tasks), num_outputs, dtype=torch.bool)
-        for task, classes in self.past.by_task.items():
-            columns = torch.zeros(num_outputs, dtype=torch.bool)
-            columns[[c for c in classes if c < num_outputs]] = True
-            allowed[(tasks == task).cpu()] = columns
-        return allowed.to(tasks.device)
+        return past_classes_mask(self.past, tasks, num_outputs)
 
     @torch.no_grad()
     def sample(self, n: int, device) -> Replay:

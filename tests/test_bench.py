@@ -197,6 +197,14 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     settings = dict(config["strategies"].get(name, {}))
     if name == "dgr":
         settings.update(generator_iterations=4, progress_bar=False)
+    if name == "ddgr":
+        settings.update(
+            generator_iterations=4,
+            samples_per_class=4,
+            sampling_steps=2,
+            base_channels=8,
+            progress_bar=False,
+        )
     run = run_strategy(
         RunSpec(
             strategy=name,
@@ -212,4 +220,6 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     )
     rows = 1 if name == "joint" else 2
     assert len(run["accuracy_matrix"]) == rows
+    if name == "ddgr":
+        assert [log["images"] for log in run["replay_sampling"]] == [8]
     assert all(0 <= a <= 1 for a in run["accuracy_matrix"][-1])

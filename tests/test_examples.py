@@ -28,3 +28,22 @@ def test_dgr_example_trains_and_evaluates(data_root):
     )
     accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
     assert 0.0 < accuracy <= 1.0
+
+
+def test_ddgr_example_trains_and_evaluates(data_root):
+    results = _load("ddgr_splitmnist").main(
+        [
+            "--data-root",
+            str(data_root),
+            "--experiences",
+            "2",
+            "--generator-iterations",
+            "5",
+            "--samples-per-class",
+            "8",
+            "--train-subset",
+            "256",
+        ]
+    )
+    accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert 0.0 < accuracy <= 1.0

@@ -16,8 +16,9 @@ from avl_genreplay.generator_training import (
     GeneratorTrainingError,
     GeneratorTrainingPlugin,
 )
+from avl_genreplay.generators.diffusion import DiffusionGenerator
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
-from avl_genreplay.strategies import DGR
+from avl_genreplay.strategies import DDGR, DGR
 
 SHAPE = (1, 12, 12)
 
@@ -46,19 +47,54 @@ class KillDuring(SupervisedPlugin):
             raise Killed()
 
 
-def _dgr(plugins=()):
+def _small_solver():
     model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
-    return DGR(
+    return dict(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        train_mb_size=16,
+        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+    )
+
+
+def _dgr(plugins=()):
+    return DGR(
         generator=ConvGenerator(SHAPE, channels=8),
         generator_iterations=4,
         critic_steps=2,
         progress_bar=False,
-        train_mb_size=16,
-        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
         plugins=list(plugins),
+        **_small_solver(),
     )
+
+
+def _ddgr(plugins=()):
+    return DDGR(
+        generator=DiffusionGenerator(
+            SHAPE, 6, base_channels=8, sampling_steps=3, sampler="ddpm"
+        ),
+        generator_iterations=4,
+        samples_per_class=6,
+        progress_bar=False,
+        plugins=list(plugins),
+        **_small_solver(),
+    )
+
+
+METHODS = {"dgr": _dgr, "ddgr": _ddgr}
+
+
+def _plugins_hold_the_strategys_networks(strategy) -> bool:
+    """After a restore, the plugins must use the restored networks, not the
+    ones of the strategy the checkpoint was loaded into."""
+    pool = getattr(strategy, "pool", None)
+    replayed = strategy.generator if pool is None else pool
+    held = strategy.replay_plugin.generator is replayed
+    held &= strategy.generator_plugin.generator is strategy.generator
+    if pool is not None:
+        held &= strategy.pool_plugin.pool is pool
+        held &= strategy.generator_plugin.replay_generator is pool
+    return held
 
 
 def _row(strategy, stream):
@@ -69,11 +105,11 @@ def _row(strategy, stream):
     ]
 
 
-def _run(stream, checkpoint=None, kill_at=None, resuming=False):
-    """Trains DGR over the stream, checkpointing after each experience."""
+def _run(stream, method, checkpoint=None, kill_at=None, resuming=False):
+    """Trains a method over the stream, checkpointing after each experience."""
     RNGManager.set_random_seeds(0)
     KillDuring.fired = resuming
-    strategy = _dgr([KillDuring(kill_at)] if kill_at is not None else [])
+    strategy = METHODS[method]([KillDuring(kill_at)] if kill_at is not None else [])
     start = 0
     if checkpoint is not None:
         strategy, start = maybe_load_checkpoint(strategy, checkpoint)
@@ -90,27 +126,28 @@ def _same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_two_runs_with_one_seed_give_the_same_accuracy_matrix(tiny_stream):
-    (first, a), (second, b) = _run(tiny_stream), _run(tiny_stream)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_runs_with_one_seed_give_the_same_accuracy_matrix(tiny_stream, method):
+    (first, a), (second, b) = _run(tiny_stream, method), _run(tiny_stream, method)
     assert first == second
     assert _same_weights(a.model, b.model) and _same_weights(a.generator, b.generator)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_run_killed_after_experience_2_resumes_to_the_same_result(
-    tiny_stream, tmp_path
+    tiny_stream, tmp_path, method
 ):
-    uninterrupted, whole = _run(tiny_stream)
-    checkpoint = tmp_path / "dgr.pkl"
+    uninterrupted, whole = _run(tiny_stream, method)
+    checkpoint = tmp_path / f"{method}.pkl"
     with pytest.raises(Killed):
-        _run(tiny_stream, checkpoint, kill_at=2)
-    resumed, strategy = _run(tiny_stream, checkpoint, resuming=True)
+        _run(tiny_stream, method, checkpoint, kill_at=2)
+    resumed, strategy = _run(tiny_stream, method, checkpoint, resuming=True)
     assert len(resumed) == 1  # only the last experience was left
     assert resumed[-1] == uninterrupted[-1]
     # the same networks, not only the same (coarse) accuracies
     assert _same_weights(strategy.model, whole.model)
     assert _same_weights(strategy.generator, whole.generator)
-    # the plugins hold the restored generator, not the fresh one
-    assert strategy.replay_plugin.generator is strategy.generator
+    assert _plugins_hold_the_strategys_networks(strategy)
 
 
 # --- guarded generator training ---------------------------------------------

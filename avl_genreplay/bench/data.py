@@ -80,6 +80,7 @@ def check_data_root(spec: BenchmarkSpec, root: Optional[Path]) -> None:
     """Raises :class:`DataRootError` if ``root`` does not hold the dataset."""
     if root is None:
         return
+    root = Path(root)
     if not root.is_dir():
         raise DataRootError(f"data root {root} is not a directory")
     folder = root / spec.folder
@@ -130,6 +131,7 @@ def make_benchmark(
     spec = BENCHMARKS[name]
     if first_experience_half and name != "splitcifar100":
         raise ValueError("a first experience of half the classes is for splitcifar100")
+    data_root = Path(data_root) if data_root is not None else None
     check_data_root(spec, data_root)
     kwargs = dict(
         n_experiences=n_experiences,

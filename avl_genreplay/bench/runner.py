@@ -39,6 +39,7 @@ __all__ = [
     "summarise",
     "generator_of",
     "replayed_class_counts",
+    "replay_sampling",
     "module_bytes",
 ]
 
@@ -90,6 +91,13 @@ def replayed_class_counts(strategy) -> Optional[list]:
     (``None`` for strategies without this package's replay plugin)."""
     plugin = getattr(strategy, "replay_plugin", None)
     return getattr(plugin, "replayed_class_counts", None)
+
+
+def replay_sampling(strategy) -> Optional[list]:
+    """Per refill of a replay pool (DDGR): images, seconds, images per second
+    (``None`` for strategies without a pool)."""
+    plugin = getattr(strategy, "pool_plugin", None)
+    return getattr(plugin, "sampling_log", None)
 
 
 def _metric(results: dict, prefix: str) -> Dict[int, float]:
@@ -179,6 +187,7 @@ def run_strategy(
         "peak_ram_mb": max(ram) if ram else None,
         "generator_bytes": module_bytes(generator_of(strategy)),
         "replayed_class_counts": replayed_class_counts(strategy),
+        "replay_sampling": replay_sampling(strategy),
     }
 
 

@@ -1,6 +1,6 @@
 """Builds each compared strategy from its config section.
 
-Ours (``dgr``) come from this package; the baselines are Avalanche's own
+Ours (``dgr``, ``ddgr``) come from this package; the baselines are Avalanche's own
 strategies, never re-implemented here.
 """
 
@@ -148,6 +148,19 @@ def _dgr(ctx: StrategyContext, **settings):
     return DGR(input_shape=ctx.input_shape, **settings, **kwargs)
 
 
+def _ddgr(ctx: StrategyContext, **settings):
+    from avl_genreplay.strategies import DDGR
+
+    kwargs = ctx.template_kwargs()
+    settings.setdefault("progress_bar", True)
+    return DDGR(
+        input_shape=ctx.input_shape,
+        num_classes=ctx.num_classes,
+        **settings,
+        **kwargs,
+    )
+
+
 STRATEGIES: Dict[str, Callable] = {
     "naive": _naive,
     "ewc": _ewc,
@@ -157,6 +170,7 @@ STRATEGIES: Dict[str, Callable] = {
     "joint": _joint,
     "gr": _gr,
     "dgr": _dgr,
+    "ddgr": _ddgr,
 }
 
 

@@ -1,6 +1,11 @@
 """Generators (models and their training steps) for generative replay."""
 
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
+from avl_genreplay.generators.diffusion import (
+    DDPMTrainer,
+    DiffusionGenerator,
+    SmallUNet,
+)
 from avl_genreplay.generators.wgan_gp import ConvCritic, ConvGenerator, WGANGPTrainer
 
 __all__ = [
@@ -9,4 +14,7 @@ __all__ = [
     "ConvGenerator",
     "ConvCritic",
     "WGANGPTrainer",
+    "DiffusionGenerator",
+    "DDPMTrainer",
+    "SmallUNet",
 ]

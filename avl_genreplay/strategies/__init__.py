@@ -1,5 +1,6 @@
-"""Strategies: Avalanche templates wired with this package's plugins."""
+"""Strategies of this package: Avalanche templates wiring its plugins."""
 
+from avl_genreplay.strategies.ddgr import DDGR
 from avl_genreplay.strategies.dgr import DGR
 
-__all__ = ["DGR"]
+__all__ = ["DGR", "DDGR"]

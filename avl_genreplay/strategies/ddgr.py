@@ -1,0 +1,158 @@
+"""Deep Diffusion-based Generative Replay (Gao & Liu, ICML 2023) as an
+Avalanche strategy."""
+
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins.evaluation import (
+    EvaluationPlugin,
+    default_evaluator,
+)
+from avalanche.training.templates import SupervisedTemplate
+from torch.nn import CrossEntropyLoss, Module
+from torch.optim import Optimizer
+
+from avl_genreplay.devices import check_device
+from avl_genreplay.generator_training import GeneratorTrainingPlugin
+from avl_genreplay.generators.diffusion import DDPMTrainer, DiffusionGenerator
+from avl_genreplay.replay import SolverReplayPlugin
+from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
+
+__all__ = ["DDGR"]
+
+
+class DDGR(SupervisedTemplate):
+    """DDGR: a class-conditional diffusion model replays old classes, guided
+    by the previous solver.
+
+    Before each experience (from the second on), the diffusion model samples
+    ``samples_per_class`` images of every past class, guided by the frozen
+    previous solver (:class:`~avl_genreplay.replay_pool.ReplayPoolPlugin`).
+    That pool is replayed to the solver beside the new data
+    (:class:`~avl_genreplay.replay.SolverReplayPlugin`, labels are the
+    requested classes) and to the diffusion model while it learns the new
+    classes (:class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
+
+    :param model: the solver.
+    :param optimizer: the solver's optimizer.
+    :param criterion: the solver's loss.
+    :param input_shape: ``(channels, height, width)`` of the inputs; builds the
+        default diffusion model. Ignored if ``generator`` is given.
+    :param num_classes: number of classes of the benchmark (the diffusion
+        model's and the pool's labels).
+    :param generator: a class-conditional
+        :class:`~avl_genreplay.generators.diffusion.DiffusionGenerator`;
+        ``None`` to build one from the settings below.
+    :param base_channels: the default UNet's feature maps at full resolution.
+    :param sampling_steps: DDIM steps per sample.
+    :param generator_iterations: diffusion training steps per experience.
+    :param generator_mb_size: the diffusion model's batch size.
+    :param generator_lr: its learning rate.
+    :param samples_per_class: images generated once per past class before
+        each experience.
+    :param guidance_scale: weight of the previous solver's guidance (0: none).
+    :param guide_on: guide on the predicted clean image (``"x0"``) or on the
+        noisy image (``"xt"``).
+    :param importance_ratio: ``r``, the weight of the current data's loss;
+        ``None`` for ``1 / t``.
+    :param replay_mb_size: replayed samples per solver iteration; ``None`` for
+        the size of the current minibatch.
+    :param progress_bar: show the diffusion model's and the sampling's
+        progress bars.
+    :param train_mb_size: the solver's minibatch size.
+    :param train_epochs: the solver's epochs per experience.
+    :param eval_mb_size: the evaluation minibatch size.
+    :param device: where to train.
+    :param plugins: more plugins.
+    :param evaluator: Avalanche's evaluation plugin (or a factory of one).
+    :param eval_every: as in :class:`~avalanche.training.templates.SupervisedTemplate`.
+    :param base_kwargs: more :class:`SupervisedTemplate` arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Module,
+        optimizer: Optimizer,
+        criterion=CrossEntropyLoss(),
+        input_shape: Optional[Sequence[int]] = None,
+        num_classes: Optional[int] = None,
+        generator: Optional[DiffusionGenerator] = None,
+        base_channels: int = 16,
+        sampling_steps: int = 20,
+        generator_iterations: int = 1000,
+        generator_mb_size: int = 64,
+        generator_lr: float = 1e-3,
+        samples_per_class: int = 500,
+        guidance_scale: float = 1.0,
+        guide_on: str = "x0",
+        importance_ratio: Optional[float] = None,
+        replay_mb_size: Optional[int] = None,
+        progress_bar: bool = True,
+        train_mb_size: int = 128,
+        train_epochs: int = 1,
+        eval_mb_size: Optional[int] = None,
+        device: Union[str, torch.device] = "cpu",
+        plugins: Optional[List[SupervisedPlugin]] = None,
+        evaluator: Union[
+            EvaluationPlugin, Callable[[], EvaluationPlugin]
+        ] = default_evaluator,
+        eval_every: int = -1,
+        **base_kwargs,
+    ):
+        device = check_device(device)
+        if generator is None:
+            if input_shape is None or num_classes is None:
+                raise ValueError(
+                    "DDGR needs input_shape and num_classes (or a generator)"
+                )
+            generator = DiffusionGenerator(
+                input_shape,
+                num_classes,
+                base_channels=base_channels,
+                sampling_steps=sampling_steps,
+            )
+        elif not generator.is_conditional:
+            raise ValueError("DDGR needs a class-conditional diffusion model")
+        generator.to(device)
+        self.generator = generator
+        self.pool = ReplayPool(generator.output_shape, generator.num_classes).to(device)
+        # the pool must be refilled before the other two take their copies
+        self.pool_plugin = ReplayPoolPlugin(
+            generator,
+            self.pool,
+            samples_per_class=samples_per_class,
+            guidance_scale=guidance_scale,
+            guide_on=guide_on,
+            progress_bar=progress_bar,
+        )
+        self.replay_plugin = SolverReplayPlugin(
+            self.pool,
+            importance_ratio=importance_ratio,
+            replay_mb_size=replay_mb_size,
+        )
+        self.generator_plugin = GeneratorTrainingPlugin(
+            DDPMTrainer(generator, lr=generator_lr),
+            train_iterations=generator_iterations,
+            train_mb_size=generator_mb_size,
+            replay_generator=self.pool,
+            progress_bar=progress_bar,
+            # a check samples through the whole reverse process: keep it small
+            check_samples=32,
+            check_every=250,
+        )
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=[self.pool_plugin, self.replay_plugin, self.generator_plugin]
+            + (plugins or []),
+            evaluator=evaluator,
+            eval_every=eval_every,
+            **base_kwargs,
+        )

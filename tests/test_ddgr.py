@@ -1,0 +1,247 @@
+"""DDGR: the diffusion generator, guided sampling, the replay pool and the
+strategy end to end."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.models import SimpleMLP
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+from torch.utils.data import DataLoader
+
+from avl_genreplay.bench.data import subsample_experience
+from avl_genreplay.generators.diffusion import DDPMTrainer, DiffusionGenerator
+from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
+from avl_genreplay.strategies import DDGR
+
+SHAPE = (1, 12, 12)
+
+
+def _real_images(experience, n):
+    """``n`` images and labels of an experience, as tensors."""
+    subset = subsample_experience(experience, n, seed=0).dataset
+    x, y, *_ = next(iter(DataLoader(subset, batch_size=n)))
+    return x, y
+
+
+def _tiny_diffusion(**kwargs):
+    kwargs.setdefault("base_channels", 8)
+    kwargs.setdefault("sampling_steps", 5)
+    return DiffusionGenerator(SHAPE, **kwargs)
+
+
+def test_the_noise_prediction_loss_falls_on_real_mnist(mnist):
+    torch.manual_seed(0)
+    x, y = _real_images(mnist.train_stream[0], 256)
+    generator = DiffusionGenerator((1, 28, 28), 10, base_channels=8)
+    generator.calibrate_range(x)
+    trainer = DDPMTrainer(generator, lr=2e-3)
+    losses = [trainer.train_step(x[i::4], y[i::4])["diffusion"] for i in range(4)]
+    for _ in range(36):
+        i = int(torch.randint(4, ()))
+        losses.append(trainer.train_step(x[i::4], y[i::4])["diffusion"])
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert last < 0.6 * first
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_with_one_seed_is_deterministic(sampler):
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(num_classes=3, sampler=sampler).eval()
+    labels = torch.tensor([0, 1, 2, 2])
+    a = generator.sample(4, labels, seed=7)
+    b = generator.sample(4, labels, seed=7)
+    c = generator.sample(4, labels, seed=8)
+    assert a.shape == (4, *SHAPE)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_ddim_sampling_is_deterministic_from_its_starting_noise():
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(num_classes=3).eval()
+    noise = torch.randn(4, *SHAPE)
+    labels = torch.tensor([0, 1, 2, 0])
+    assert torch.equal(generator(noise, labels), generator(noise, labels))
+
+
+def test_guidance_raises_the_classifiers_accuracy_on_the_requested_class(mnist):
+    torch.manual_seed(0)
+    x, y = _real_images(mnist.train_stream[0], 512)  # classes 0 and 1
+    classifier = SimpleMLP(num_classes=2, hidden_size=64, drop_rate=0)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    for _ in range(100):
+        picks = torch.randint(len(x), (64,))
+        loss = F.cross_entropy(classifier(x[picks]), y[picks])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    classifier.eval()
+    for parameter in classifier.parameters():
+        parameter.requires_grad_(False)
+    # an unconditional model: only guidance can pick the class
+    generator = DiffusionGenerator((1, 28, 28), None, base_channels=8)
+    generator.calibrate_range(x)
+    trainer = DDPMTrainer(generator, lr=2e-3)
+    for _ in range(40):
+        trainer.train_step(x[torch.randint(len(x), (64,))])
+    generator.eval()
+
+    def log_prob(images, labels):
+        return F.log_softmax(classifier(images), 1).gather(1, labels.view(-1, 1))[:, 0]
+
+    wanted = torch.tensor([0, 1]).repeat(32)
+
+    def accuracy(scale):
+        samples = generator.sample(
+            64, wanted, guidance=log_prob, guidance_scale=scale, seed=0
+        )
+        return (classifier(samples).argmax(1) == wanted).float().mean().item()
+
+    unguided, guided = accuracy(0.0), accuracy(20.0)
+    assert guided > unguided + 0.2 and guided > 0.9
+
+
+class LabelRecordingTrainer(DDPMTrainer):
+    """Records the labels of every batch the diffusion model learns from."""
+
+    def __init__(self, generator, **kwargs):
+        super().__init__(generator, **kwargs)
+        self.labels = []
+
+    def train_step(self, x, y=None):
+        self.labels.append(y.clone())
+        return super().train_step(x, y)
+
+
+def test_the_replay_pool_holds_past_classes_in_shape_and_range(tiny_stream):
+    torch.manual_seed(0)
+    model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
+    strategy = DDGR(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        generator=_tiny_diffusion(num_classes=6),
+        generator_iterations=6,
+        samples_per_class=10,
+        progress_bar=False,
+        train_mb_size=16,
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
+    recorder = LabelRecordingTrainer(strategy.generator)
+    strategy.generator_plugin.trainer = recorder
+    for index, experience in enumerate(tiny_stream.train_stream):
+        before = len(recorder.labels)
+        strategy.train(experience)
+        past = sorted(
+            c
+            for e in tiny_stream.train_stream[:index]
+            for c in e.classes_in_this_experience
+        )
+        pool = strategy.pool
+        assert len(pool) == 10 * len(past)
+        if not past:
+            continue
+        assert pool.x.shape == (10 * len(past), *SHAPE)
+        assert torch.isfinite(pool.x).all()
+        low, high = strategy.generator.range_low, strategy.generator.range_high
+        assert (pool.x >= low - 1e-5).all() and (pool.x <= high + 1e-5).all()
+        assert torch.bincount(pool.y, minlength=6)[past].tolist() == [10] * len(past)
+        assert sorted(pool.y.unique().tolist()) == past
+        # replay reached the solver, labelled with past classes only
+        assert set(strategy.replay_plugin.replayed_class_counts[-1]) == set(past)
+        # and the diffusion model, beside the new classes
+        seen = set(torch.cat(recorder.labels[before:]).tolist())
+        assert set(past) <= seen
+        assert seen - set(past) == set(experience.classes_in_this_experience)
+    log = strategy.pool_plugin.sampling_log
+    assert [entry["images"] for entry in log] == [20, 40]
+    assert all(entry["images_per_second"] > 0 for entry in log)
+
+
+def _train_two_experiences(make_strategy, mnist) -> float:
+    torch.manual_seed(0)
+    model = SimpleMLP(num_classes=10, hidden_size=400, hidden_layers=2, drop_rate=0)
+    strategy = make_strategy(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        train_mb_size=64,
+        train_epochs=3,
+        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+    )
+    for experience in mnist.train_stream[:2]:
+        strategy.train(subsample_experience(experience, 1000, seed=0))
+    results = strategy.eval(mnist.test_stream[:1])
+    return results["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"]
+
+
+def test_ddgr_remembers_the_first_classes_where_naive_forgets(mnist):
+    naive = _train_two_experiences(Naive, mnist)
+
+    def ddgr(**kwargs):
+        return DDGR(
+            input_shape=(1, 28, 28),
+            num_classes=10,
+            generator_iterations=200,
+            samples_per_class=300,
+            sampling_steps=10,
+            progress_bar=False,
+            **kwargs,
+        )
+
+    replayed = _train_two_experiences(ddgr, mnist)
+    assert naive < 0.2
+    assert replayed > 0.8 and replayed > naive + 0.6
+
+
+def _strategy_kwargs():
+    model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
+    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "needs input_shape and num_classes"),
+        (dict(generator=_tiny_diffusion()), "class-conditional"),
+        (dict(input_shape=SHAPE, num_classes=6, samples_per_class=0), ">= 1"),
+        (dict(input_shape=SHAPE, num_classes=6, guidance_scale=-1), ">= 0"),
+        (dict(input_shape=SHAPE, num_classes=6, sampling_steps=0), "sampling_steps"),
+        (dict(input_shape=SHAPE, num_classes=6, generator_lr=0), "lr must be"),
+    ],
+)
+def test_bad_ddgr_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DDGR(**_strategy_kwargs(), **kwargs)
+
+
+def test_bad_sampling_requests_are_refused():
+    generator = _tiny_diffusion(num_classes=3)
+    with pytest.raises(ValueError, match="guide_on"):
+        generator.sample(2, torch.tensor([0, 1]), guide_on="both")
+    with pytest.raises(ValueError, match="needs the classes"):
+        generator.sample(2, guidance=lambda x, y: x.sum())
+    with pytest.raises(ValueError, match="outside"):
+        generator.sample(2, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="sampler"):
+        _tiny_diffusion(sampler="euler")
+
+
+def test_the_pool_refuses_classes_it_does_not_hold():
+    pool = ReplayPool(SHAPE, 6)
+    with pytest.raises(ValueError, match="empty"):
+        pool.generate(2)
+    pool.fill(torch.zeros(4, *SHAPE), torch.tensor([1, 1, 2, 2]))
+    assert pool.generate(3, torch.tensor([2, 2, 1])).shape == (3, *SHAPE)
+    with pytest.raises(ValueError, match="no sample of class 4"):
+        pool.generate(2, torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="shape"):
+        pool.fill(torch.zeros(2, 3, 12, 12), torch.tensor([1, 2]))
+    dataset = pool.as_dataset()
+    assert len(dataset) == 4 and list(dataset.targets) == [1, 1, 2, 2]
+
+
+def test_the_pool_plugin_needs_a_conditional_generator():
+    with pytest.raises(ValueError, match="class-conditional"):
+        ReplayPoolPlugin(_tiny_diffusion(), ReplayPool(SHAPE, 6))
