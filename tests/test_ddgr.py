@@ -4,9 +4,7 @@ strategy end to end."""
 import pytest
 import torch
 import torch.nn.functional as F
-from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.models import SimpleMLP
-from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 
@@ -158,41 +156,6 @@ def test_the_replay_pool_holds_past_classes_in_shape_and_range(tiny_stream):
     log = strategy.pool_plugin.sampling_log
     assert [entry["images"] for entry in log] == [20, 40]
     assert all(entry["images_per_second"] > 0 for entry in log)
-
-
-def _train_two_experiences(make_strategy, mnist) -> float:
-    torch.manual_seed(0)
-    model = SimpleMLP(num_classes=10, hidden_size=400, hidden_layers=2, drop_rate=0)
-    strategy = make_strategy(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-        train_mb_size=64,
-        train_epochs=3,
-        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
-    )
-    for experience in mnist.train_stream[:2]:
-        strategy.train(subsample_experience(experience, 1000, seed=0))
-    results = strategy.eval(mnist.test_stream[:1])
-    return results["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"]
-
-
-def test_ddgr_remembers_the_first_classes_where_naive_forgets(mnist):
-    naive = _train_two_experiences(Naive, mnist)
-
-    def ddgr(**kwargs):
-        return DDGR(
-            input_shape=(1, 28, 28),
-            num_classes=10,
-            generator_iterations=200,
-            samples_per_class=300,
-            sampling_steps=10,
-            progress_bar=False,
-            **kwargs,
-        )
-
-    replayed = _train_two_experiences(ddgr, mnist)
-    assert naive < 0.2
-    assert replayed > 0.8 and replayed > naive + 0.6
 
 
 def _strategy_kwargs():
