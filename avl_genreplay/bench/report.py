@@ -56,17 +56,21 @@ def plot_seen_accuracy(summary: Dict[str, dict], path: Path, title: str) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, s in summary.items():
-        curves = torch.tensor([seen_accuracy(r["accuracy_matrix"]) for r in s["runs"]])
-        mean = curves.mean(0)
-        steps = range(1, len(mean) + 1)
-        if len(mean) == 1:  # joint training: one point, after the whole stream
-            ax.axhline(100 * mean[0], ls="--", lw=1, color="grey", label=name)
+        matrices = [r["accuracy_matrix"] for r in s["runs"]]
+        if len(matrices[0]) == 1:
+            # joint training: one row, after the whole stream, over all of it
+            final = torch.tensor([m[-1] for m in matrices]).mean()
+            ax.axhline(100 * final, ls="--", lw=1, color="grey", label=name)
             continue
+        mean = torch.tensor([seen_accuracy(m) for m in matrices]).mean(0)
+        steps = range(1, len(mean) + 1)
         ax.plot(steps, 100 * mean, marker="o", label=name)
     ax.set_xlabel("experiences trained")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy on experiences seen (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
