@@ -134,6 +134,10 @@ class PastClasses:
         known.sort()
         self.experiences += 1
 
+    def task_class_pairs(self) -> List[tuple]:
+        """Every ``(task label, class)`` seen, task by task."""
+        return [(t, c) for t, cs in self.by_task.items() for c in cs]
+
     @property
     def classes(self) -> List[int]:
         return sorted({c for cs in self.by_task.values() for c in cs})
@@ -223,7 +227,7 @@ def sample_past_inputs(
     :return: ``(x, conditions or None, task_labels)``.
     """
     if getattr(generator, "num_classes", None) is not None:
-        pairs = [(t, c) for t, cs in past.by_task.items() for c in cs]
+        pairs = past.task_class_pairs()
         picks = _balanced(range(len(pairs)), n, device)
         conditions = torch.tensor([pairs[i][1] for i in picks.tolist()], device=device)
         tasks = torch.tensor([pairs[i][0] for i in picks.tolist()], device=device)

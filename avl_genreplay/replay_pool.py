@@ -173,7 +173,7 @@ class ReplayPoolPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         if not self.past:
             return
-        pairs = [(t, c) for t, cs in self.past.by_task.items() for c in cs]
+        pairs = self.past.task_class_pairs()
         tasks = torch.tensor(
             [t for t, _ in pairs], device=strategy.device
         ).repeat_interleave(self.samples_per_class)

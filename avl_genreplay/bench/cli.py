@@ -5,7 +5,6 @@ Run ``avl-genreplay bench --help`` (or ``python -m avl_genreplay bench``).
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 from avl_genreplay.bench import data
 from avl_genreplay.devices import check_device
-from avl_genreplay.bench.config import load_config, merge
+from avl_genreplay.bench.config import load_config
 from avl_genreplay.bench.report import (
     markdown_table,
     plot_accuracy_matrices,

@@ -12,7 +12,6 @@ __all__ = [
     "plot_seen_accuracy",
     "plot_accuracy_matrices",
     "replay_grid",
-    "ReplayImages",
 ]
 
 
