@@ -319,6 +319,7 @@ def test_a_device_that_does_not_exist(device):
     "kwargs, message",
     [
         (dict(importance_ratio=1.01), "importance_ratio"),
+        (dict(generator_replay_share=-0.1), "replay_share"),
         (dict(replay_mb_size=0), "replay_mb_size"),
         (dict(generator_mb_size=0), "train_mb_size"),
         (dict(critic_steps=0), "critic_steps"),

@@ -253,6 +253,19 @@ def test_generator_batches_mix_real_data_and_replay(tiny_stream):
     assert len(plugin.loss_history) == 2
 
 
+def test_dgr_passes_its_generator_replay_share_on():
+    model = solver()
+    strategy = DGR(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        input_shape=SHAPE,
+        generator_replay_share=0.25,
+        evaluator=quiet(),
+    )
+    strategy.generator_plugin.past.add(0, [0, 1])
+    assert strategy.generator_plugin.current_replay_share() == 0.25
+
+
 def test_avalanche_mlp_vae_is_a_replay_generator(tiny_stream):
     """Avalanche's own generator fits the plugin (its generate takes no
     condition)."""

@@ -5,6 +5,8 @@ Run ``avl-genreplay bench --help`` (or ``python -m avl_genreplay bench``).
 """
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,7 +116,67 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-images", action="store_true", help="skip images of replayed samples"
     )
+    bench.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other strategies' runs of an existing results file of the "
+        "same setup, replacing those of the strategies run now",
+    )
     return parser
+
+
+def _commit() -> Optional[str]:
+    """The package's git commit (``+dirty`` with uncommitted changes), or
+    ``None`` outside a git checkout, so results say which code made them."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+# what must match for runs of two commands to share one results file
+_SETUP_KEYS = ("benchmark", "scenario", "n_experiences", "train_subset", "solver")
+
+
+def _previous_runs(path: Path, header: dict, names: List[str]) -> tuple:
+    """The runs (and their settings) of strategies other than ``names`` in an
+    existing results file, refusing one of another setup."""
+    if not path.exists():
+        return [], {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot read {path} to update it: {error}") from None
+    for key in _SETUP_KEYS:
+        if old.get(key) != header[key]:
+            raise CLIError(
+                f"{path} holds another setup ({key}: {old.get(key)!r}, now "
+                f"{header[key]!r}); drop --update or choose another --output"
+            )
+    runs, settings = [], {}
+    for name, entry in old.get("strategies", {}).items():
+        if name in names:
+            continue
+        settings[name] = old.get("settings", {}).get(name, {})
+        for run in entry["runs"]:
+            run.setdefault("command", old.get("command"))
+            runs.append(run)
+    return runs, settings
 
 
 def _device(name: str) -> torch.device:
@@ -234,7 +296,9 @@ def bench(args, argv: List[str]) -> int:
     n_experiences = args.experiences or config.get("experiences", 5)
     subset = args.train_subset or config.get("train_subset")
     stem = f"{args.benchmark}_{args.scenario}_il"
-    runs: List[dict] = []
+    if n_experiences != config.get("experiences", 5):
+        # another protocol (e.g. one class per experience) gets its own files
+        stem += f"_{n_experiences}exp"
     header = {
         "benchmark": args.benchmark,
         "scenario": f"{args.scenario}-incremental",
@@ -247,6 +311,15 @@ def bench(args, argv: List[str]) -> int:
         "started": time.time(),
         "settings": {name: config["strategies"].get(name, {}) for name in names},
     }
+    provenance = dict(
+        command=header["command"],
+        commit=_commit(),
+        torch_threads=header["torch_threads"],
+    )
+    runs, kept_settings = [], {}
+    if args.update:
+        runs, kept_settings = _previous_runs(folder / f"{stem}.json", header, names)
+        header["settings"] = {**kept_settings, **header["settings"]}
     for seed in seeds:
         for name in names:
             benchmark = data.make_benchmark(
@@ -284,6 +357,7 @@ def bench(args, argv: List[str]) -> int:
             )
             for logger in loggers:
                 getattr(logger, "close", lambda: None)()
+            run.update(provenance)
             runs.append(run)
             print(
                 f"== {name}, seed {seed}: final average accuracy {run['final_avg_acc']:.4f}, {run['wall_seconds']:.0f} s",

@@ -49,6 +49,10 @@ class DGR(SupervisedTemplate):
     :param critic_steps: critic updates per generator update.
     :param generator_schedule: train the generator ``"after"`` the solver or
         ``"alongside"`` it.
+    :param generator_replay_share: share of replay in the generator's batches;
+        ``None`` for ``(t - 1) / t`` (each experience weighs the same). A lower
+        share gives the new classes more of the generator's few steps; a GAN
+        picks up new modes slowly and would otherwise under-produce them.
     :param importance_ratio: ``r``, weight of the current data's loss; ``None``
         for ``1 / t`` (DGR's default).
     :param replay_mb_size: replayed samples per solver iteration; ``None`` for
@@ -83,6 +87,7 @@ class DGR(SupervisedTemplate):
         generator_lr: float = 2e-4,
         critic_steps: int = 5,
         generator_schedule: str = "after",
+        generator_replay_share: Optional[float] = None,
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
         soft_targets: bool = False,
@@ -129,6 +134,7 @@ class DGR(SupervisedTemplate):
             train_iterations=generator_iterations,
             train_mb_size=generator_mb_size,
             schedule=generator_schedule,
+            replay_share=generator_replay_share,
             progress_bar=progress_bar,
         )
         super().__init__(
