@@ -148,9 +148,7 @@ def test_cli_writes_results_table_and_plots(data_root, tmp_path, capsys):
     assert "| dgr" in capsys.readouterr().out
 
 
-def test_update_keeps_other_strategies_and_refuses_another_setup(
-    data_root, tmp_path, capsys
-):
+def test_update_merges_runs_by_strategy_and_seed(data_root, tmp_path, capsys):
     config = _tiny_config(tmp_path)
     config.write_text("experiences = 2\n" + config.read_text())
     out = tmp_path / "out"
@@ -159,27 +157,28 @@ def test_update_keeps_other_strategies_and_refuses_another_setup(
     assert main([*common, "--strategies", "naive,lwf"]) == 0
     path = out / "splitmnist_class_il.json"
     first = json.loads(path.read_text())["strategies"]
+    # another seed of one strategy joins the file...
+    assert main([*common, "--strategies", "lwf", "--seeds", "1", "--update"]) == 0
+    merged = json.loads(path.read_text())["strategies"]
+    assert list(merged) == ["naive", "lwf"] and merged["lwf"]["seeds"] == [0, 1]
+    assert merged["naive"]["runs"] == first["naive"]["runs"]
+    assert merged["lwf"]["runs"][0] == first["lwf"]["runs"][0]
+    # ...and a run of the same strategy and seed replaces the old one
     assert main([*common, "--strategies", "lwf", "--update"]) == 0
-    merged = json.loads(path.read_text())
-    assert list(merged["strategies"]) == ["naive", "lwf"]
-    # naive's run is the first command's, lwf's the second's
-    assert merged["strategies"]["naive"]["runs"] == first["naive"]["runs"]
-    lwf_run = merged["strategies"]["lwf"]["runs"][0]
-    assert "--update" in lwf_run["command"] and "--update" not in (
-        merged["strategies"]["naive"]["runs"][0]["command"]
-    )
-    assert lwf_run["torch_threads"] >= 1 and "commit" in lwf_run
-    # without --update the file holds only what ran
-    assert main([*common, "--strategies", "lwf"]) == 0
-    assert list(json.loads(path.read_text())["strategies"]) == ["lwf"]
+    merged = json.loads(path.read_text())["strategies"]
+    assert merged["lwf"]["seeds"] == [1, 0]
+    assert "--update" in merged["lwf"]["runs"][1]["command"]
+    assert "--update" not in merged["naive"]["runs"][0]["command"]
+    assert merged["lwf"]["runs"][1]["torch_threads"] >= 1
+    assert "commit" in merged["lwf"]["runs"][1]
     capsys.readouterr()
     assert main([*common, "--strategies", "naive", "--epochs", "2", "--update"]) == 2
     assert "holds another setup (solver" in capsys.readouterr().err
     # another number of experiences writes files of its own
-    assert main([*common, "--strategies", "naive", "--experiences", "3"]) == 0
-    three = json.loads((out / "splitmnist_class_il_3exp.json").read_text())
-    assert three["n_experiences"] == 3
-    assert len(three["strategies"]["naive"]["runs"][0]["accuracy_matrix"]) == 3
+    assert main([*common, "--strategies", "naive", "--experiences", "5"]) == 0
+    five = json.loads((out / "splitmnist_class_il_5exp.json").read_text())
+    assert five["n_experiences"] == 5
+    assert len(five["strategies"]["naive"]["runs"][0]["accuracy_matrix"]) == 5
 
 
 @pytest.mark.parametrize(

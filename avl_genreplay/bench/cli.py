@@ -5,6 +5,7 @@ Run ``avl-genreplay bench --help`` (or ``python -m avl_genreplay bench``).
 """
 
 import argparse
+import fcntl
 import json
 import subprocess
 import sys
@@ -153,11 +154,11 @@ def _commit() -> Optional[str]:
 _SETUP_KEYS = ("benchmark", "scenario", "n_experiences", "train_subset", "solver")
 
 
-def _previous_runs(path: Path, header: dict, names: List[str]) -> tuple:
-    """The runs (and their settings) of strategies other than ``names`` in an
-    existing results file, refusing one of another setup."""
+def _read_results(path: Path, header: dict) -> Optional[dict]:
+    """An existing results file of the same setup (``None`` if absent);
+    refuses one of another setup."""
     if not path.exists():
-        return [], {}
+        return None
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -168,15 +169,23 @@ def _previous_runs(path: Path, header: dict, names: List[str]) -> tuple:
                 f"{path} holds another setup ({key}: {old.get(key)!r}, now "
                 f"{header[key]!r}); drop --update or choose another --output"
             )
-    runs, settings = [], {}
-    for name, entry in old.get("strategies", {}).items():
-        if name in names:
-            continue
-        settings[name] = old.get("settings", {}).get(name, {})
+    return old
+
+
+def _merged(old: Optional[dict], header: dict, runs: List[dict]) -> tuple:
+    """The runs of ``old`` that ``runs`` do not replace (same strategy and
+    seed), followed by ``runs``; and the settings of every strategy kept."""
+    if old is None:
+        return runs, header["settings"]
+    replaced = {(r["strategy"], r["seed"]) for r in runs}
+    kept = []
+    for entry in old.get("strategies", {}).values():
         for run in entry["runs"]:
-            run.setdefault("command", old.get("command"))
-            runs.append(run)
-    return runs, settings
+            if (run["strategy"], run["seed"]) not in replaced:
+                run.setdefault("command", old.get("command"))
+                kept.append(run)
+    settings = {**old.get("settings", {}), **header["settings"]}
+    return kept + runs, settings
 
 
 def _device(name: str) -> torch.device:
@@ -316,10 +325,10 @@ def bench(args, argv: List[str]) -> int:
         commit=_commit(),
         torch_threads=header["torch_threads"],
     )
-    runs, kept_settings = [], {}
     if args.update:
-        runs, kept_settings = _previous_runs(folder / f"{stem}.json", header, names)
-        header["settings"] = {**kept_settings, **header["settings"]}
+        # fail before training on a file of another setup
+        _read_results(folder / f"{stem}.json", header)
+    runs: List[dict] = []
     for seed in seeds:
         for name in names:
             benchmark = data.make_benchmark(
@@ -365,9 +374,8 @@ def bench(args, argv: List[str]) -> int:
             )
             # written after every run so a long benchmark that is cut off
             # still leaves what it measured
-            _write_results(folder, stem, header, runs, complete=False)
-    table = _write_results(folder, stem, header, runs, complete=True)
-    summary = summarise(runs)
+            _write_results(folder, stem, header, runs, False, args.update)
+    table, summary = _write_results(folder, stem, header, runs, True, args.update)
     title = (
         f"{args.benchmark}, {args.scenario}-incremental, {n_experiences} experiences"
     )
@@ -379,24 +387,39 @@ def bench(args, argv: List[str]) -> int:
 
 
 def _write_results(
-    folder: Path, stem: str, header: dict, runs: List[dict], complete: bool
-) -> str:
-    """Write the JSON and markdown results of the runs so far; return the table."""
-    summary = summarise(runs)
-    payload = dict(header)
-    started = payload.pop("started")
-    payload.update(
-        complete=complete,
-        total_wall_seconds=time.time() - started,
-        strategies=summary,
-    )
-    write_json(folder / f"{stem}.json", payload)
+    folder: Path,
+    stem: str,
+    header: dict,
+    runs: List[dict],
+    complete: bool,
+    update: bool = False,
+) -> tuple:
+    """Write the JSON and markdown results of the runs so far; return the
+    table and the summary. With ``update``, the file is read again under a
+    lock and merged, so several commands (e.g. one per seed) may update it
+    at the same time."""
+    path = folder / f"{stem}.json"
+    with open(folder / f".{stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload = dict(header)
+        started = payload.pop("started")
+        if update:
+            runs, payload["settings"] = _merged(
+                _read_results(path, header), header, runs
+            )
+        summary = summarise(runs)
+        payload.update(
+            complete=complete,
+            total_wall_seconds=time.time() - started,
+            strategies=summary,
+        )
+        write_json(path, payload)
     table = markdown_table(summary)
     title = f"# {header['benchmark']}, {header['scenario']}"
     if not complete:
         title += " (partial: the run is still going or was cut off)"
     (folder / f"{stem}.md").write_text(f"{title}\n\n{table}")
-    return table
+    return table, summary
 
 
 def main(argv: Optional[List[str]] = None) -> int:
