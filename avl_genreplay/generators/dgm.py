@@ -355,9 +355,11 @@ class DGMTrainer(GeneratorTrainer):
     """DGM's AC-GAN step with hard attention to the task.
 
     Each :meth:`train_step` updates the discriminator on the batch (real data
-    and replay of past classes, against generated samples of the same
-    classes): critic + ``gp_weight`` x gradient penalty + ``aux_weight`` x
-    auxiliary cross-entropy on the real batch. Every ``critic_steps``-th step
+    of the current task and replay of past classes): critic + ``gp_weight`` x
+    gradient penalty, on the current task's samples against generated ones
+    of the same classes (past classes come from frozen masks, nothing to
+    learn there), + ``aux_weight`` x auxiliary cross-entropy on the whole
+    batch, replay included. Every ``critic_steps``-th step
     the generator is updated on samples of the current task's classes: critic
     + ``aux_weight`` x auxiliary cross-entropy + ``sparsity`` x mask sparsity.
     The gradients of parameters past tasks reserved are zeroed and the
@@ -376,7 +378,9 @@ class DGMTrainer(GeneratorTrainer):
     :param critic_steps: discriminator updates per generator update.
     :param gp_weight: weight of the gradient penalty.
     :param aux_weight: weight of the auxiliary classification losses.
-    :param sparsity: weight of the mask sparsity penalty (>= 0).
+    :param sparsity: weight of the mask sparsity penalty (>= 0): the mean
+        soft mask over the entries no past task holds (HAT's), so its pull on
+        each entry is ``sparsity / entries``.
     :param s_max: largest mask scale (>= 1).
     :param anneal_steps: generator steps over which the scale is annealed
         (one experience's, usually).
@@ -390,7 +394,7 @@ class DGMTrainer(GeneratorTrainer):
         discriminator: Optional[ACDiscriminator] = None,
         *,
         lr: float = 2e-3,
-        mask_lr: Optional[float] = None,
+        mask_lr: Optional[float] = 0.01,
         betas: Tuple[float, float] = (0.5, 0.9),
         critic_steps: int = 2,
         gp_weight: float = 10.0,
@@ -479,11 +483,19 @@ class DGMTrainer(GeneratorTrainer):
         scale = self.scale()
         generator.scale = scale
         real = generator.to_unit_range(x)
-        with torch.no_grad():
-            fake = generator.decode(generator.sample_noise(len(x)), y)
         real_score, real_logits = discriminator.score_and_logits(real)
-        wasserstein = real_score.mean() - discriminator(fake).mean()
-        penalty = gradient_penalty(discriminator, real, fake)
+        # the critic compares real and generated samples of the current
+        # task's classes: past classes are generated with frozen masks, so
+        # neither side could learn from them; replay trains the classifier
+        current = generator.task_of(y) == generator.num_tasks
+        if not current.any():
+            current = torch.ones_like(current)
+        with torch.no_grad():
+            fake = generator.decode(
+                generator.sample_noise(int(current.sum())), y[current]
+            )
+        wasserstein = real_score[current].mean() - discriminator(fake).mean()
+        penalty = gradient_penalty(discriminator, real[current], fake)
         auxiliary = F.cross_entropy(real_logits, y)
         loss = -wasserstein + self.gp_weight * penalty + self.aux_weight * auxiliary
         self.discriminator_optimizer.zero_grad()
