@@ -232,13 +232,18 @@ def test_a_task_mask_commits_binary_masks_and_grows_free():
         mask.mask(5)
 
 
-def test_the_discriminator_scores_and_classifies():
-    discriminator = ACDiscriminator((1, 28, 28), 10, channels=8)
+@pytest.mark.parametrize("projection", [False, True])
+def test_the_discriminator_scores_and_classifies(projection):
+    discriminator = ACDiscriminator((1, 28, 28), 10, channels=8, projection=projection)
     x = torch.randn(5, 1, 28, 28)
-    score, logits = discriminator.score_and_logits(x)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    score, logits = discriminator.score_and_logits(x, y)
     assert score.shape == (5,) and logits.shape == (5, 10)
-    torch.testing.assert_close(discriminator(x), score)
+    torch.testing.assert_close(discriminator(x, y), score)
     torch.testing.assert_close(discriminator.classify(x), logits)
+    # only a projection critic's score depends on the label
+    other = discriminator(x, torch.tensor([9, 9, 9, 9, 9]))
+    assert torch.allclose(other, score) != projection
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])

@@ -316,16 +316,29 @@ class ACDiscriminator(ConvCritic):
     :param input_shape: ``(channels, height, width)`` of the data.
     :param num_classes: classes of the auxiliary classifier.
     :param channels: feature maps of the first stage (the second has twice).
+    :param projection: also condition the critic's score on the label by
+        projection (Miyato & Koyama, 2018), beside the auxiliary head.
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, channels=32):
-        super().__init__(input_shape, channels)
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: int = 32,
+        projection: bool = False,
+    ):
+        super().__init__(input_shape, channels, num_classes if projection else None)
         self.num_classes = num_classes
         self.classifier = nn.Linear(self.score.in_features, num_classes)
 
-    def score_and_logits(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+    def score_and_logits(
+        self, x: Tensor, condition: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
         features = self.features(self._pad(x))
-        return self.score(features).squeeze(1), self.classifier(features)
+        score = self.score(features).squeeze(1)
+        if self.label_projection is not None and condition is not None:
+            score = score + (self.label_projection(condition) * features).sum(1)
+        return score, self.classifier(features)
 
     def classify(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(self._pad(x)))
@@ -386,6 +399,8 @@ class DGMTrainer(GeneratorTrainer):
         (one experience's, usually).
     :param embedding_limit: embeddings are clamped to ``[-limit, limit]``.
     :param discriminator_channels: channels of the default discriminator.
+    :param projection: the default discriminator's critic is also
+        conditioned on the label by projection.
     """
 
     def __init__(
@@ -404,6 +419,7 @@ class DGMTrainer(GeneratorTrainer):
         anneal_steps: int = 500,
         embedding_limit: float = 6.0,
         discriminator_channels: int = 32,
+        projection: bool = False,
     ):
         if not isinstance(generator, MaskedConvGenerator):
             raise ValueError("DGMTrainer needs a MaskedConvGenerator")
@@ -419,7 +435,10 @@ class DGMTrainer(GeneratorTrainer):
             raise ValueError("lr and mask_lr must be > 0")
         self.generator = generator
         self.discriminator = discriminator or ACDiscriminator(
-            generator.output_shape, generator.num_classes, discriminator_channels
+            generator.output_shape,
+            generator.num_classes,
+            discriminator_channels,
+            projection=projection,
         ).to(generator.device)
         self.lr = lr
         self.mask_lr = lr if mask_lr is None else mask_lr
@@ -483,7 +502,7 @@ class DGMTrainer(GeneratorTrainer):
         scale = self.scale()
         generator.scale = scale
         real = generator.to_unit_range(x)
-        real_score, real_logits = discriminator.score_and_logits(real)
+        real_score, real_logits = discriminator.score_and_logits(real, y)
         # the critic compares real and generated samples of the current
         # task's classes: past classes are generated with frozen masks, so
         # neither side could learn from them; replay trains the classifier
@@ -494,8 +513,9 @@ class DGMTrainer(GeneratorTrainer):
             fake = generator.decode(
                 generator.sample_noise(int(current.sum())), y[current]
             )
-        wasserstein = real_score[current].mean() - discriminator(fake).mean()
-        penalty = gradient_penalty(discriminator, real[current], fake)
+        fake_score = discriminator(fake, y[current])
+        wasserstein = real_score[current].mean() - fake_score.mean()
+        penalty = gradient_penalty(discriminator, real[current], fake, y[current])
         auxiliary = F.cross_entropy(real_logits, y)
         loss = -wasserstein + self.gp_weight * penalty + self.aux_weight * auxiliary
         self.discriminator_optimizer.zero_grad()
@@ -517,7 +537,7 @@ class DGMTrainer(GeneratorTrainer):
         generator = self.generator
         condition = classes[torch.randint(len(classes), (n,), device=classes.device)]
         fake = generator.decode(generator.sample_noise(n), condition)
-        score, logits = self.discriminator.score_and_logits(fake)
+        score, logits = self.discriminator.score_and_logits(fake, condition)
         auxiliary = F.cross_entropy(logits, condition)
         sparsity = generator.sparsity_loss(scale)
         loss = -score.mean() + self.aux_weight * auxiliary + self.sparsity * sparsity

@@ -87,6 +87,8 @@ class DGM(SupervisedTemplate):
     :param generator_channels: the generator's hidden feature maps at the
         start (they grow).
     :param discriminator_channels: the discriminator's first feature maps.
+    :param projection: condition the critic's score on the label by
+        projection too, beside the auxiliary classifier.
     :param generator_iterations: discriminator steps per experience.
     :param generator_mb_size: the AC-GAN's batch size.
     :param generator_lr: the AC-GAN's learning rate.
@@ -105,6 +107,10 @@ class DGM(SupervisedTemplate):
     :param replay_mb_size: replayed samples per solver iteration; ``None`` for
         the size of the current minibatch.
     :param relabel: label replay by the previous solver, not by its class.
+    :param soft_targets: distil the previous solver's probabilities on the
+        replay instead of its labels (see
+        :class:`~avl_genreplay.replay.SolverReplayPlugin`).
+    :param temperature: distillation temperature.
     :param progress_bar: show the generator's progress bar.
     :param train_mb_size: the solver's minibatch size.
     :param train_epochs: the solver's epochs per experience.
@@ -132,6 +138,7 @@ class DGM(SupervisedTemplate):
         noise_dim: int = 128,
         generator_channels: Tuple[int, int] = (64, 32),
         discriminator_channels: int = 32,
+        projection: bool = False,
         generator_iterations: int = 1000,
         generator_mb_size: int = 64,
         generator_lr: float = 2e-3,
@@ -145,6 +152,8 @@ class DGM(SupervisedTemplate):
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
         relabel: bool = False,
+        soft_targets: bool = False,
+        temperature: float = 2.0,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -195,6 +204,7 @@ class DGM(SupervisedTemplate):
                 s_max=s_max,
                 anneal_steps=max(generator_iterations // critic_steps, 1),
                 discriminator_channels=discriminator_channels,
+                projection=projection,
             )
         elif generator_trainer.generator is not generator:
             raise ValueError("generator_trainer must train the given generator")
@@ -216,6 +226,8 @@ class DGM(SupervisedTemplate):
             importance_ratio=importance_ratio,
             replay_mb_size=replay_mb_size,
             relabel=relabel,
+            soft_targets=soft_targets,
+            temperature=temperature,
         )
         self.generator_plugin = GeneratorTrainingPlugin(
             generator_trainer,
