@@ -307,6 +307,7 @@ def test_replay_to_the_solver_is_class_balanced_with_condition_labels(tiny_strea
         (dict(critic_steps=0), "critic_steps"),
         (dict(solver="bogus"), "solver"),
         (dict(generator_lr=0.0), "lr"),
+        (dict(anneal_fraction=0.0), "anneal_fraction"),
     ],
 )
 def test_bad_dgm_settings_are_refused(kwargs, message):

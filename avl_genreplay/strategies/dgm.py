@@ -98,6 +98,9 @@ class DGM(SupervisedTemplate):
     :param gp_weight: weight of the gradient penalty.
     :param aux_weight: weight of the auxiliary classification losses.
     :param s_max: largest mask scale.
+    :param anneal_fraction: share of an experience's generator steps over
+        which the mask scale rises to ``s_max``; the rest train the networks
+        under (nearly) binary masks.
     :param sparsity: weight of the mask sparsity penalty; ``None`` for
         :data:`DEFAULT_SPARSITY` of the variant.
     :param generator_replay_share: share of replayed past classes in the
@@ -147,6 +150,7 @@ class DGM(SupervisedTemplate):
         gp_weight: float = 10.0,
         aux_weight: float = 1.0,
         s_max: float = 1e4,
+        anneal_fraction: float = 1.0,
         sparsity: Optional[float] = None,
         generator_replay_share: Optional[float] = 0.5,
         importance_ratio: Optional[float] = None,
@@ -171,6 +175,10 @@ class DGM(SupervisedTemplate):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if critic_steps < 1:
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
+        if not 0.0 < anneal_fraction <= 1.0:
+            raise ValueError(
+                f"anneal_fraction must lie in (0, 1], got {anneal_fraction}"
+            )
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
         if sparsity is None:
@@ -202,7 +210,9 @@ class DGM(SupervisedTemplate):
                 aux_weight=aux_weight,
                 sparsity=sparsity,
                 s_max=s_max,
-                anneal_steps=max(generator_iterations // critic_steps, 1),
+                anneal_steps=max(
+                    round(anneal_fraction * generator_iterations / critic_steps), 1
+                ),
                 discriminator_channels=discriminator_channels,
                 projection=projection,
             )
