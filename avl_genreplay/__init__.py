@@ -1,6 +1,6 @@
 """Generative replay for continual learning, as Avalanche plugins.
 
-The strategies (:class:`DGR`, :class:`DDGR`) wire plugins that also work on
+The strategies (:class:`DGR`, :class:`DGM`, :class:`DDGR`) wire plugins that also work on
 their own in any Avalanche template: :class:`SolverReplayPlugin` (generated
 inputs of past experiences replayed to the solver),
 :class:`GeneratorTrainingPlugin` (the generator learns each experience plus
@@ -10,18 +10,22 @@ experience, for generators too slow to sample at every step).
 
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
 from avl_genreplay.generators import (
+    ACDiscriminator,
     ConvCritic,
     ConvGenerator,
     DDPMTrainer,
+    DGMTrainer,
     DiffusionGenerator,
+    MaskedConvGenerator,
     WGANGPTrainer,
 )
 from avl_genreplay.replay import SolverReplayPlugin
 from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
-from avl_genreplay.strategies import DDGR, DGR
+from avl_genreplay.strategies import DDGR, DGM, DGR
 
 __all__ = [
     "DGR",
+    "DGM",
     "DDGR",
     "SolverReplayPlugin",
     "GeneratorTrainingPlugin",
@@ -32,4 +36,7 @@ __all__ = [
     "WGANGPTrainer",
     "DiffusionGenerator",
     "DDPMTrainer",
+    "MaskedConvGenerator",
+    "ACDiscriminator",
+    "DGMTrainer",
 ]

@@ -230,6 +230,14 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     settings = dict(config["strategies"].get(name, {}))
     if name == "dgr":
         settings.update(generator_iterations=4, progress_bar=False)
+    if name.startswith("dgm"):
+        settings.update(
+            generator_iterations=4,
+            noise_dim=8,
+            generator_channels=(8, 4),
+            discriminator_channels=8,
+            progress_bar=False,
+        )
     if name == "ddgr":
         settings.update(
             generator_iterations=4,
@@ -255,4 +263,8 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     assert len(run["accuracy_matrix"]) == rows
     if name == "ddgr":
         assert [log["images"] for log in run["replay_sampling"]] == [8]
+    if name.startswith("dgm"):
+        growth = run["generator_growth"]
+        assert [record["task"] for record in growth] == [0, 1]
+        assert growth[1]["parameters"] >= growth[0]["parameters"]
     assert all(0 <= a <= 1 for a in run["accuracy_matrix"][-1])

@@ -47,3 +47,22 @@ def test_ddgr_example_trains_and_evaluates(data_root):
     )
     accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
     assert 0.0 < accuracy <= 1.0
+
+
+def test_dgm_example_trains_and_evaluates(data_root):
+    results = _load("dgm_splitmnist").main(
+        [
+            "--data-root",
+            str(data_root),
+            "--variant",
+            "a",
+            "--experiences",
+            "2",
+            "--generator-iterations",
+            "5",
+            "--train-subset",
+            "256",
+        ]
+    )
+    accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert 0.0 < accuracy <= 1.0

@@ -18,7 +18,7 @@ from avl_genreplay.generator_training import (
 )
 from avl_genreplay.generators.diffusion import DiffusionGenerator
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
-from avl_genreplay.strategies import DDGR, DGR
+from avl_genreplay.strategies import DDGR, DGM, DGR
 
 SHAPE = (1, 12, 12)
 
@@ -81,7 +81,22 @@ def _ddgr(plugins=()):
     )
 
 
-METHODS = {"dgr": _dgr, "ddgr": _ddgr}
+def _dgm(plugins=()):
+    return DGM(
+        input_shape=SHAPE,
+        num_classes=6,
+        variant="w",
+        noise_dim=8,
+        generator_channels=(8, 4),
+        discriminator_channels=8,
+        generator_iterations=4,
+        progress_bar=False,
+        plugins=list(plugins),
+        **_small_solver(),
+    )
+
+
+METHODS = {"dgr": _dgr, "ddgr": _ddgr, "dgm": _dgm}
 
 
 def _plugins_hold_the_strategys_networks(strategy) -> bool:

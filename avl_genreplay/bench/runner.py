@@ -40,6 +40,7 @@ __all__ = [
     "generator_of",
     "replayed_class_counts",
     "replay_sampling",
+    "generator_growth",
     "module_bytes",
 ]
 
@@ -91,6 +92,12 @@ def replayed_class_counts(strategy) -> Optional[list]:
     (``None`` for strategies without this package's replay plugin)."""
     plugin = getattr(strategy, "replay_plugin", None)
     return getattr(plugin, "replayed_class_counts", None)
+
+
+def generator_growth(strategy) -> Optional[list]:
+    """Per experience, what a growing generator (DGM) reserved and its size
+    after growing (``None`` for generators that do not grow)."""
+    return getattr(generator_of(strategy), "growth_log", None)
 
 
 def replay_sampling(strategy) -> Optional[list]:
@@ -188,6 +195,7 @@ def run_strategy(
         "generator_bytes": module_bytes(generator_of(strategy)),
         "replayed_class_counts": replayed_class_counts(strategy),
         "replay_sampling": replay_sampling(strategy),
+        "generator_growth": generator_growth(strategy),
     }
 
 

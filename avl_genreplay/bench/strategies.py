@@ -1,6 +1,6 @@
 """Builds each compared strategy from its config section.
 
-Ours (``dgr``, ``ddgr``) come from this package; the baselines are Avalanche's own
+Ours (``dgr``, ``dgm_w``, ``dgm_a``, ``ddgr``) come from this package; the baselines are Avalanche's own
 strategies, never re-implemented here.
 """
 
@@ -161,6 +161,28 @@ def _ddgr(ctx: StrategyContext, **settings):
     )
 
 
+def _dgm(ctx: StrategyContext, variant: str, **settings):
+    from avl_genreplay.strategies import DGM
+
+    kwargs = ctx.template_kwargs()
+    settings.setdefault("progress_bar", True)
+    return DGM(
+        input_shape=ctx.input_shape,
+        num_classes=ctx.num_classes,
+        variant=variant,
+        **settings,
+        **kwargs,
+    )
+
+
+def _dgm_w(ctx: StrategyContext, **settings):
+    return _dgm(ctx, "w", **settings)
+
+
+def _dgm_a(ctx: StrategyContext, **settings):
+    return _dgm(ctx, "a", **settings)
+
+
 STRATEGIES: Dict[str, Callable] = {
     "naive": _naive,
     "ewc": _ewc,
@@ -170,6 +192,8 @@ STRATEGIES: Dict[str, Callable] = {
     "joint": _joint,
     "gr": _gr,
     "dgr": _dgr,
+    "dgm_w": _dgm_w,
+    "dgm_a": _dgm_a,
     "ddgr": _ddgr,
 }
 

@@ -1,6 +1,12 @@
 """Generators (models and their training steps) for generative replay."""
 
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
+from avl_genreplay.generators.dgm import (
+    ACDiscriminator,
+    DGMTrainer,
+    DiscriminatorSolver,
+    MaskedConvGenerator,
+)
 from avl_genreplay.generators.diffusion import (
     DDPMTrainer,
     DiffusionGenerator,
@@ -17,4 +23,8 @@ __all__ = [
     "DiffusionGenerator",
     "DDPMTrainer",
     "SmallUNet",
+    "MaskedConvGenerator",
+    "ACDiscriminator",
+    "DGMTrainer",
+    "DiscriminatorSolver",
 ]
