@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -13,8 +15,16 @@ def _load(name):
     return module
 
 
-def test_dgr_example_trains_and_evaluates(data_root):
-    results = _load("dgr_splitmnist").main(
+@pytest.mark.parametrize(
+    "example, own_arguments",
+    [
+        ("dgr_splitmnist", []),
+        ("ddgr_splitmnist", ["--samples-per-class", "8"]),
+        ("dgm_splitmnist", ["--variant", "a"]),
+    ],
+)
+def test_example_trains_and_evaluates(example, own_arguments, data_root):
+    results = _load(example).main(
         [
             "--data-root",
             str(data_root),
@@ -24,44 +34,7 @@ def test_dgr_example_trains_and_evaluates(data_root):
             "5",
             "--train-subset",
             "256",
-        ]
-    )
-    accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
-    assert 0.0 < accuracy <= 1.0
-
-
-def test_ddgr_example_trains_and_evaluates(data_root):
-    results = _load("ddgr_splitmnist").main(
-        [
-            "--data-root",
-            str(data_root),
-            "--experiences",
-            "2",
-            "--generator-iterations",
-            "5",
-            "--samples-per-class",
-            "8",
-            "--train-subset",
-            "256",
-        ]
-    )
-    accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
-    assert 0.0 < accuracy <= 1.0
-
-
-def test_dgm_example_trains_and_evaluates(data_root):
-    results = _load("dgm_splitmnist").main(
-        [
-            "--data-root",
-            str(data_root),
-            "--variant",
-            "a",
-            "--experiences",
-            "2",
-            "--generator-iterations",
-            "5",
-            "--train-subset",
-            "256",
+            *own_arguments,
         ]
     )
     accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
