@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from avl_genreplay.generators.wgan_gp import ConvCritic, ConvGenerator, WGANGPTrainer
+from avl_genreplay.generators.wgan_gp import (
+    ConvCritic,
+    ConvGenerator,
+    WGANGPTrainer,
+    gradient_penalty,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 12, 12)])
@@ -39,6 +44,39 @@ def test_wgan_gp_losses_are_finite_and_move_the_generator(conditional):
         assert all(math.isfinite(v) for v in losses.values())
     after = list(generator.parameters())
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_gradient_penalty_on_a_share_of_the_batch():
+    seen = []
+
+    class LinearCritic(torch.nn.Module):
+        # a linear critic has the same gradient everywhere: any subset of the
+        # pairs gives the full batch's penalty
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3 * 4 * 4))
+
+        def forward(self, x, condition=None):
+            seen.append((len(x), None if condition is None else condition.clone()))
+            return x.flatten(1) @ self.weight
+
+    critic = LinearCritic()
+    real, fake = torch.rand(16, 3, 4, 4), torch.rand(16, 3, 4, 4)
+    condition = torch.arange(16)
+    full = gradient_penalty(critic, real, fake, condition)
+    half = gradient_penalty(critic, real, fake, condition, share=0.5)
+    assert torch.allclose(full, half)
+    assert seen[0][0] == 16 and seen[1][0] == 8
+    # each kept pair keeps its own label, and the pairs are drawn at random
+    # (DGR's batches put real data first: not always the first rows)
+    assert len(set(seen[1][1].tolist())) == 8
+    for _ in range(4):
+        gradient_penalty(critic, real, fake, condition, share=0.5)
+    assert any(set(c.tolist()) != set(range(8)) for _, c in seen[1:])
+    with pytest.raises(ValueError, match="share"):
+        gradient_penalty(critic, real, fake, share=0.0)
+    with pytest.raises(ValueError, match="penalty_share"):
+        WGANGPTrainer(ConvGenerator((1, 12, 12), channels=8), penalty_share=1.5)
 
 
 def test_outputs_take_the_range_of_the_data():

@@ -390,6 +390,9 @@ class DGMTrainer(GeneratorTrainer):
     :param betas: Adam's betas.
     :param critic_steps: discriminator updates per generator update.
     :param gp_weight: weight of the gradient penalty.
+    :param penalty_share: share of the critic's pairs on which the gradient
+        penalty is estimated (see
+        :func:`~avl_genreplay.generators.wgan_gp.gradient_penalty`).
     :param aux_weight: weight of the auxiliary classification losses.
     :param sparsity: weight of the mask sparsity penalty (>= 0): the mean
         soft mask over the entries no past task holds (HAT's), so its pull on
@@ -413,6 +416,7 @@ class DGMTrainer(GeneratorTrainer):
         betas: Tuple[float, float] = (0.5, 0.9),
         critic_steps: int = 2,
         gp_weight: float = 10.0,
+        penalty_share: float = 1.0,
         aux_weight: float = 1.0,
         sparsity: float = 0.08,
         s_max: float = 1e4,
@@ -427,6 +431,8 @@ class DGMTrainer(GeneratorTrainer):
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
         if sparsity < 0:
             raise ValueError(f"sparsity must be >= 0, got {sparsity}")
+        if not 0.0 < penalty_share <= 1.0:
+            raise ValueError(f"penalty_share must lie in (0, 1], got {penalty_share}")
         if not s_max >= 1:
             raise ValueError(f"s_max must be >= 1, got {s_max}")
         if anneal_steps < 1:
@@ -445,6 +451,7 @@ class DGMTrainer(GeneratorTrainer):
         self.betas = betas
         self.critic_steps = critic_steps
         self.gp_weight = gp_weight
+        self.penalty_share = penalty_share
         self.aux_weight = aux_weight
         self.sparsity = sparsity
         self.s_max = float(s_max)
@@ -515,7 +522,9 @@ class DGMTrainer(GeneratorTrainer):
             )
         fake_score = discriminator(fake, y[current])
         wasserstein = real_score[current].mean() - fake_score.mean()
-        penalty = gradient_penalty(discriminator, real[current], fake, y[current])
+        penalty = gradient_penalty(
+            discriminator, real[current], fake, y[current], share=self.penalty_share
+        )
         auxiliary = F.cross_entropy(real_logits, y)
         loss = -wasserstein + self.gp_weight * penalty + self.aux_weight * auxiliary
         self.discriminator_optimizer.zero_grad()

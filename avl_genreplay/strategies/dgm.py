@@ -96,6 +96,8 @@ class DGM(SupervisedTemplate):
         networks').
     :param critic_steps: discriminator steps per generator step.
     :param gp_weight: weight of the gradient penalty.
+    :param penalty_share: share of the critic's batch on which the gradient
+        penalty is estimated (its double backward pass is the dearest part).
     :param aux_weight: weight of the auxiliary classification losses.
     :param s_max: largest mask scale.
     :param anneal_fraction: share of an experience's generator steps over
@@ -148,6 +150,7 @@ class DGM(SupervisedTemplate):
         mask_lr: Optional[float] = 0.01,
         critic_steps: int = 2,
         gp_weight: float = 10.0,
+        penalty_share: float = 1.0,
         aux_weight: float = 1.0,
         s_max: float = 1e4,
         anneal_fraction: float = 1.0,
@@ -207,6 +210,7 @@ class DGM(SupervisedTemplate):
                 mask_lr=mask_lr,
                 critic_steps=critic_steps,
                 gp_weight=gp_weight,
+                penalty_share=penalty_share,
                 aux_weight=aux_weight,
                 sparsity=sparsity,
                 s_max=s_max,
