@@ -16,7 +16,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 from avalanche.models.generator import Generator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from avl_genreplay.generators.base import GeneratorTrainer
@@ -50,6 +50,18 @@ def _nonfinite(losses: Dict[str, float]) -> Optional[str]:
 _SCHEDULES = ("after", "alongside")
 
 
+def _in_memory(dataset, num_workers: int = 0) -> TensorDataset:
+    """The dataset's inputs and labels, through its transforms, as tensors."""
+    xs, ys = [], []
+    # a data loader draws a seed from the global generator: restore it, so
+    # that training sees the same random numbers as without preloading
+    with torch.random.fork_rng(devices=[]):
+        for x, y, *_ in DataLoader(dataset, batch_size=512, num_workers=num_workers):
+            xs.append(x)
+            ys.append(y)
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
 class GeneratorTrainingPlugin(SupervisedPlugin):
     """Trains a generator on each experience's data plus its own replay.
 
@@ -78,6 +90,12 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         cost too much at every step.
     :param progress_bar: show a progress bar with the losses.
     :param num_workers: data loader workers for the generator's data.
+    :param preload: pass the experience's data through its transforms once and
+        keep it in memory as tensors, instead of at every generator step
+        (about 6 % of DGR's time on SplitMNIST). The batches are the same, but
+        random augmentations are drawn only once: leave it off for data
+        augmented at random (e.g. Avalanche's SplitCIFAR100) or too large for
+        memory.
     :param guard: watch the training (with ``schedule="after"``): a loss that
         is NaN or infinite, samples of near-zero variance (checked every
         ``check_every`` steps) or, at the end of the experience, samples the
@@ -109,6 +127,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         replay_generator: Optional[Generator] = None,
         progress_bar: bool = True,
         num_workers: int = 0,
+        preload: bool = False,
         guard: bool = True,
         check_every: int = 100,
         check_samples: int = 128,
@@ -142,6 +161,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         self.replay_generator = replay_generator
         self.progress_bar = progress_bar
         self.num_workers = num_workers
+        self.preload = preload
         self.past = PastClasses()
         self.old_generator = None
         self.experience_index = 0
@@ -208,6 +228,8 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         n_replay = round(self.train_mb_size * share)
         n_real = self.train_mb_size - n_replay
         dataset = strategy.experience.dataset.train()
+        if self.preload:
+            dataset = _in_memory(dataset, self.num_workers)
         loader = DataLoader(
             dataset,
             batch_size=max(n_real, 1),

@@ -253,6 +253,38 @@ def test_generator_batches_mix_real_data_and_replay(tiny_stream):
     assert len(plugin.loss_history) == 2
 
 
+def test_preloaded_data_gives_the_generator_the_same_batches(tiny_stream):
+    def real_batches(preload):
+        seen = []
+
+        class RecordingTrainer(WGANGPTrainer):
+            def train_step(self, x, y=None):
+                seen.append(x.clone())
+                return super().train_step(x, y)
+
+        torch.manual_seed(0)
+        plugin = GeneratorTrainingPlugin(
+            RecordingTrainer(ConvGenerator(SHAPE, channels=8)),
+            train_iterations=5,  # 32 samples in batches of 12: past one epoch
+            train_mb_size=12,
+            progress_bar=False,
+            preload=preload,
+        )
+        model = solver()
+        strategy = Naive(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            evaluator=quiet(),
+            plugins=[plugin],
+        )
+        strategy.train(tiny_stream.train_stream[0])
+        return seen
+
+    loaded, preloaded = real_batches(False), real_batches(True)
+    assert len(loaded) == len(preloaded) == 5
+    assert all(torch.equal(a, b) for a, b in zip(loaded, preloaded))
+
+
 def test_dgr_passes_its_generator_replay_share_on():
     model = solver()
     strategy = DGR(

@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _commit() -> Optional[str]:
-    """The package's git commit (``+dirty`` with uncommitted changes), or
-    ``None`` outside a git checkout, so results say which code made them."""
+    """The package's git commit (``+dirty`` with uncommitted changes outside
+    ``benchmarks/results``, which earlier runs may have written), or ``None``
+    outside a git checkout, so results say which code made them."""
     here = Path(__file__).resolve().parent
 
     def git(*args: str) -> str:
@@ -139,7 +140,14 @@ def _commit() -> Optional[str]:
 
     try:
         rev = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ":/",
+            ":(top,exclude)benchmarks/results",
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return rev + ("+dirty" if dirty else "")

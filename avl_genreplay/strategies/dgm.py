@@ -116,6 +116,10 @@ class DGM(SupervisedTemplate):
         replay instead of its labels (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`).
     :param temperature: distillation temperature.
+    :param generator_preload: keep the experience's data in memory, through its
+        transforms, for the generator's training (faster; random augmentations
+        would be drawn once: see
+        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
     :param progress_bar: show the generator's progress bar.
     :param train_mb_size: the solver's minibatch size.
     :param train_epochs: the solver's epochs per experience.
@@ -161,6 +165,7 @@ class DGM(SupervisedTemplate):
         relabel: bool = False,
         soft_targets: bool = False,
         temperature: float = 2.0,
+        generator_preload: bool = False,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -248,6 +253,7 @@ class DGM(SupervisedTemplate):
             train_iterations=generator_iterations,
             train_mb_size=generator_mb_size,
             replay_share=generator_replay_share,
+            preload=generator_preload,
             progress_bar=progress_bar,
         )
         super().__init__(

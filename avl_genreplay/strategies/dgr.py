@@ -65,6 +65,10 @@ class DGR(SupervisedTemplate):
     :param balance_classes: weigh replayed samples so that every replayed
         class counts the same (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`).
+    :param generator_preload: keep the experience's data in memory, through its
+        transforms, for the generator's training (faster; random augmentations
+        would be drawn once: see
+        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
     :param progress_bar: show the generator's progress bar.
     :param train_mb_size: the solver's minibatch size.
     :param train_epochs: the solver's epochs per experience.
@@ -97,6 +101,7 @@ class DGR(SupervisedTemplate):
         soft_targets: bool = False,
         temperature: float = 2.0,
         balance_classes: bool = False,
+        generator_preload: bool = False,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -142,6 +147,7 @@ class DGR(SupervisedTemplate):
             train_mb_size=generator_mb_size,
             schedule=generator_schedule,
             replay_share=generator_replay_share,
+            preload=generator_preload,
             progress_bar=progress_bar,
         )
         super().__init__(
