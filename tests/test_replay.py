@@ -223,62 +223,55 @@ def test_conditional_generator_replays_each_past_class_equally(tiny_stream):
     assert counts[:4].tolist() == [10, 10, 10, 10] and counts[4:].sum() == 0
 
 
-def test_generator_batches_mix_real_data_and_replay(tiny_stream):
-    seen = []
+class RecordingTrainer(WGANGPTrainer):
+    """Keeps each batch the generator is trained on."""
 
-    class RecordingTrainer(WGANGPTrainer):
-        def train_step(self, x, y=None):
-            seen.append((len(x), self.generator.training))
-            return super().train_step(x, y)
+    def __init__(self, generator, **kwargs):
+        super().__init__(generator, **kwargs)
+        self.batches = []
 
-    generator = ConvGenerator(SHAPE, channels=8)
-    plugin = GeneratorTrainingPlugin(
-        RecordingTrainer(generator),
-        train_iterations=4,
-        train_mb_size=12,
-        progress_bar=False,
-    )
+    def train_step(self, x, y=None):
+        self.batches.append(x.clone())
+        return super().train_step(x, y)
+
+
+def naive_with(plugin):
     model = solver()
-    strategy = Naive(
+    return Naive(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
         evaluator=quiet(),
         plugins=[plugin],
     )
+
+
+def test_generator_batches_mix_real_data_and_replay(tiny_stream):
+    trainer = RecordingTrainer(ConvGenerator(SHAPE, channels=8))
+    plugin = GeneratorTrainingPlugin(
+        trainer, train_iterations=4, train_mb_size=12, progress_bar=False
+    )
+    strategy = naive_with(plugin)
     strategy.train(tiny_stream.train_stream[0])
     assert plugin.current_replay_share() == pytest.approx(1 / 2)
     strategy.train(tiny_stream.train_stream[1])
     assert plugin.current_replay_share() == pytest.approx(2 / 3)
-    assert [n for n, _ in seen] == [12] * 8
+    assert [len(x) for x in trainer.batches] == [12] * 8
     assert len(plugin.loss_history) == 2
 
 
 def test_preloaded_data_gives_the_generator_the_same_batches(tiny_stream):
     def real_batches(preload):
-        seen = []
-
-        class RecordingTrainer(WGANGPTrainer):
-            def train_step(self, x, y=None):
-                seen.append(x.clone())
-                return super().train_step(x, y)
-
         torch.manual_seed(0)
+        trainer = RecordingTrainer(ConvGenerator(SHAPE, channels=8))
         plugin = GeneratorTrainingPlugin(
-            RecordingTrainer(ConvGenerator(SHAPE, channels=8)),
+            trainer,
             train_iterations=5,  # 32 samples in batches of 12: past one epoch
             train_mb_size=12,
             progress_bar=False,
             preload=preload,
         )
-        model = solver()
-        strategy = Naive(
-            model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-            evaluator=quiet(),
-            plugins=[plugin],
-        )
-        strategy.train(tiny_stream.train_stream[0])
-        return seen
+        naive_with(plugin).train(tiny_stream.train_stream[0])
+        return trainer.batches
 
     loaded, preloaded = real_batches(False), real_batches(True)
     assert len(loaded) == len(preloaded) == 5
