@@ -11,7 +11,7 @@ from PIL import Image
 from avl_genreplay.bench import data
 from avl_genreplay.bench.cli import main
 from avl_genreplay.bench.config import load_config
-from avl_genreplay.bench.runner import RunSpec, run_strategy
+from avl_genreplay.bench.runner import RunSpec, peak_ram_mb, run_strategy
 from avl_genreplay.bench.strategies import STRATEGIES
 
 
@@ -128,7 +128,8 @@ def test_cli_writes_results_table_and_plots(data_root, tmp_path, capsys):
             assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
             assert run["final_avg_acc"] == pytest.approx(sum(matrix[-1]) / 5)
             assert -1 <= run["avg_forgetting"] <= 1 and run["wall_seconds"] > 0
-            assert run["peak_ram_mb"] > 0
+            # tiny phases may end before Avalanche's RAM thread samples
+            assert run["peak_ram_mb"] is None or run["peak_ram_mb"] > 0
         assert 0 <= entry["final_avg_acc"] <= 1 and entry["final_avg_acc_std"] >= 0
     assert results["strategies"]["dgr"]["generator_bytes"] > 0
     assert results["strategies"]["naive"]["generator_bytes"] is None
@@ -268,3 +269,17 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
         assert [record["task"] for record in growth] == [0, 1]
         assert growth[1]["parameters"] >= growth[0]["parameters"]
     assert all(0 <= a <= 1 for a in run["accuracy_matrix"][-1])
+
+
+def test_peak_ram_ignores_readings_the_ram_thread_never_took():
+    metrics = {
+        "MaxRAMUsage_Experience/eval_phase/test_stream/Task000/Exp000": ([0], [0]),
+        "MaxRAMUsage_Experience/eval_phase/test_stream/Task000/Exp001": (
+            [1, 2],
+            [512.0, 640.5],
+        ),
+        "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000": ([0], [900.0]),
+    }
+    assert peak_ram_mb(metrics) == 640.5
+    unmeasured = {k: v for k, v in metrics.items() if k.endswith("Exp000")}
+    assert peak_ram_mb(unmeasured) is None

@@ -74,6 +74,26 @@ def make_evaluator(loggers: list) -> EvaluationPlugin:
     )
 
 
+def peak_ram_mb(all_metrics: Dict[str, tuple]) -> Optional[float]:
+    """Largest ``MaxRAMUsage`` reading of a run, ``None`` when none was taken.
+
+    Avalanche's RAM metric samples from a thread every ``every`` seconds and
+    reports its initial 0 when the thread took no sample (a phase shorter than
+    the thread's start-up on a busy machine, or no RSS reading from the OS), so
+    0 means "not measured", not "no memory".
+
+    :param all_metrics: ``EvaluationPlugin.get_all_metrics()``.
+    """
+    readings = [
+        value
+        for name, (_, values) in all_metrics.items()
+        if name.startswith("MaxRAMUsage")
+        for value in values
+        if value > 0
+    ]
+    return max(readings) if readings else None
+
+
 def module_bytes(module: Optional[torch.nn.Module]) -> Optional[int]:
     """Bytes of a module's parameters and buffers (``None`` without one)."""
     if module is None:
@@ -174,12 +194,7 @@ def run_strategy(
             if after_experience is not None:
                 after_experience(strategy, index)
     wall = time.time() - start
-    all_metrics = evaluator.get_all_metrics()
-    ram = [
-        max(values)
-        for name, (_, values) in all_metrics.items()
-        if name.startswith("MaxRAMUsage") and values
-    ]
+    ram_mb = peak_ram_mb(evaluator.get_all_metrics())
     forgetting = _stream_metric(last, "StreamForgetting/eval_phase")
     bwt = _stream_metric(last, "StreamBWT/eval_phase")
     return {
@@ -191,7 +206,7 @@ def run_strategy(
         "bwt": None if spec.strategy == "joint" else bwt,
         "accuracy_matrix": matrix,
         "wall_seconds": wall,
-        "peak_ram_mb": max(ram) if ram else None,
+        "peak_ram_mb": ram_mb,
         "generator_bytes": module_bytes(generator_of(strategy)),
         "replayed_class_counts": replayed_class_counts(strategy),
         "replay_sampling": replay_sampling(strategy),
