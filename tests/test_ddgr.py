@@ -57,6 +57,53 @@ def test_sampling_with_one_seed_is_deterministic(sampler):
     assert not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_a_perfect_prediction_of_any_type_gives_back_the_noise(prediction_type):
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(prediction_type=prediction_type)
+    clean, noise = torch.rand(6, *SHAPE) * 2 - 1, torch.randn(6, *SHAPE)
+    t = torch.tensor([0, 10, 250, 500, 900, 999])
+    noisy = generator.add_noise(clean, noise, t)
+    target = generator.training_target(clean, noise, t)
+    # a UNet that outputs exactly its training target
+    generator.predict = lambda x, steps, condition=None: target
+    assert torch.allclose(generator.predict_noise(noisy, t), noise, atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_min_snr_weights_cap_every_type_at_gamma(prediction_type):
+    generator = _tiny_diffusion(prediction_type=prediction_type)
+    trainer = DDPMTrainer(generator, snr_gamma=5.0)
+    t = torch.tensor([0, 100, 500, 999])
+    snr = generator.snr(t)
+    weights = trainer._snr_weight(t)
+    # in clean-image terms the weight is min(SNR, gamma) for every type
+    in_x0_terms = {
+        "epsilon": weights * snr,
+        "sample": weights,
+        "v_prediction": weights * (snr + 1),
+    }[prediction_type]
+    assert torch.allclose(in_x0_terms, snr.clamp(max=5.0), rtol=1e-4)
+    assert snr[0] > 5.0 > snr[-1]
+
+
+def test_the_moving_average_is_what_the_generator_keeps():
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(num_classes=2)
+    trainer = DDPMTrainer(generator, lr=1e-2, ema_decay=0.9)
+    x, y = torch.rand(8, *SHAPE), torch.tensor([0, 1] * 4)
+    trainer.start_experience(0)
+    for _ in range(5):
+        trainer.train_step(x, y)
+    last = {k: v.clone() for k, v in generator.unet.state_dict().items()}
+    average = {k: v.clone() for k, v in trainer.average.module.state_dict().items()}
+    trainer.end_experience(0)
+    kept = generator.unet.state_dict()
+    assert all(torch.equal(kept[k], average[k]) for k in kept)
+    assert not all(torch.equal(kept[k], last[k]) for k in kept)
+    assert trainer.average is None
+
+
 def test_ddim_sampling_is_deterministic_from_its_starting_noise():
     torch.manual_seed(0)
     generator = _tiny_diffusion(num_classes=3).eval()
@@ -189,6 +236,12 @@ def test_bad_sampling_requests_are_refused():
         generator.sample(2, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="sampler"):
         _tiny_diffusion(sampler="euler")
+    with pytest.raises(ValueError, match="prediction_type"):
+        _tiny_diffusion(prediction_type="score")
+    with pytest.raises(ValueError, match="snr_gamma"):
+        DDPMTrainer(generator, snr_gamma=0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        DDPMTrainer(generator, ema_decay=1.0)
 
 
 def test_the_pool_refuses_classes_it_does_not_hold():

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
@@ -39,6 +40,7 @@ GuidanceFunction = Callable[[Tensor, Tensor], Tensor]
 
 _SAMPLERS = ("ddim", "ddpm")
 _GUIDE_ON = ("x0", "xt")
+_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
 def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -159,6 +161,10 @@ class DiffusionGenerator(ImageGenerator):
         ``T``).
     :param sample_mb_size: images denoised at once.
     :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
+    :param prediction_type: what the UNet predicts: ``"epsilon"`` (the noise,
+        DDPM's choice), ``"sample"`` (the clean image) or ``"v_prediction"``
+        (Salimans & Ho, 2022). Samplers and guidance always work on the noise
+        estimate derived from it (:meth:`predict_noise`).
     """
 
     def __init__(
@@ -173,6 +179,7 @@ class DiffusionGenerator(ImageGenerator):
         sampling_steps: int = 20,
         sample_mb_size: int = 256,
         data_range: Optional[Tuple[float, float]] = None,
+        prediction_type: str = "epsilon",
     ):
         shape = tuple(int(s) for s in output_shape)
         super().__init__(shape, math.prod(shape), num_classes, data_range)
@@ -185,6 +192,12 @@ class DiffusionGenerator(ImageGenerator):
             )
         if sample_mb_size < 1:
             raise ValueError(f"sample_mb_size must be >= 1, got {sample_mb_size}")
+        if prediction_type not in _PREDICTIONS:
+            raise ValueError(
+                f"prediction_type must be one of {_PREDICTIONS}, got "
+                f"{prediction_type!r}"
+            )
+        self.prediction_type = prediction_type
         self.unet = SmallUNet(shape[0], base_channels, num_classes)
         self.train_timesteps = train_timesteps
         self.beta_schedule = beta_schedule
@@ -209,11 +222,46 @@ class DiffusionGenerator(ImageGenerator):
     def sample_noise(self, batch_size: int) -> Tensor:
         return torch.randn(batch_size, *self.output_shape, device=self.device)
 
+    def predict(
+        self, noisy: Tensor, t: Tensor, condition: Optional[Tensor] = None
+    ) -> Tensor:
+        """The UNet's raw output for ``noisy`` (unit range) at ``t``: noise,
+        clean image or velocity, by ``prediction_type``."""
+        return self.unet(noisy, t, condition if self.is_conditional else None)
+
+    def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
+        """``alpha_bar_t`` per sample, shaped to broadcast over ``like``."""
+        alphas = self.training_schedule.alphas_cumprod.to(like.device, like.dtype)
+        return alphas[t].reshape(-1, *([1] * (like.dim() - 1)))
+
     def predict_noise(
         self, noisy: Tensor, t: Tensor, condition: Optional[Tensor] = None
     ) -> Tensor:
-        """The UNet's estimate of the noise in ``noisy`` (unit range) at ``t``."""
-        return self.unet(noisy, t, condition if self.is_conditional else None)
+        """The model's estimate of the noise in ``noisy`` (unit range) at
+        ``t``, whatever the UNet predicts."""
+        output = self.predict(noisy, t, condition)
+        if self.prediction_type == "epsilon":
+            return output
+        alpha_bar = self.alpha_bar(t, noisy)
+        if self.prediction_type == "sample":
+            return (noisy - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
+        # v = sqrt(a) eps - sqrt(1 - a) x0 and x_t = sqrt(a) x0 + sqrt(1 - a) eps
+        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * noisy
+
+    def training_target(self, clean: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the UNet should output for ``x_t`` made of ``clean`` and
+        ``noise``."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return clean
+        alpha_bar = self.alpha_bar(t, clean)
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` at ``t``."""
+        alphas = self.training_schedule.alphas_cumprod.to(t.device)[t]
+        return alphas / (1 - alphas)
 
     def add_noise(self, clean: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``x_t`` for clean images in the unit range (the forward process)."""
@@ -332,18 +380,55 @@ class DiffusionGenerator(ImageGenerator):
 
 
 class DDPMTrainer(GeneratorTrainer):
-    """DDPM's training step: predict the noise added at a random timestep
-    (mean squared error), with Adam.
+    """DDPM's training step: predict the noise (or clean image, or velocity,
+    by the generator's ``prediction_type``) at a random timestep (mean
+    squared error), with Adam.
 
     :param generator: the diffusion generator.
     :param lr: learning rate.
+    :param snr_gamma: Min-SNR loss weighting (Hang et al., 2023): each
+        timestep's loss is weighed as if the model predicted the clean image
+        with weight ``min(SNR, gamma)``, which keeps the nearly noise-free
+        steps from dominating and speeds training; ``None`` for DDPM's plain
+        mean. 5 is the paper's value.
+    :param ema_decay: keep an exponential moving average of the weights during
+        each experience and sample from it afterwards (the average is loaded
+        into the generator at the end of the experience); ``None`` to use the
+        last weights.
     """
 
-    def __init__(self, generator: DiffusionGenerator, lr: float = 1e-3):
+    def __init__(
+        self,
+        generator: DiffusionGenerator,
+        lr: float = 1e-3,
+        *,
+        snr_gamma: Optional[float] = None,
+        ema_decay: Optional[float] = None,
+    ):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
         self.generator = generator
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+        self.snr_gamma = snr_gamma
+        self.ema_decay = ema_decay
+        self.average: Optional[AveragedModel] = None
+
+    def start_experience(self, experience_index: int) -> None:
+        if self.ema_decay is not None:
+            self.average = AveragedModel(
+                self.generator.unet,
+                multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay),
+                use_buffers=True,
+            )
+
+    def end_experience(self, experience_index: int) -> None:
+        if self.average is not None:
+            self.generator.unet.load_state_dict(self.average.module.state_dict())
+            self.average = None
 
     def optimizers(self) -> List[torch.optim.Optimizer]:
         return [self.optimizer]
@@ -355,10 +440,24 @@ class DDPMTrainer(GeneratorTrainer):
         t = torch.randint(
             0, self.generator.train_timesteps, (len(clean),), device=clean.device
         )
-        predicted = self.generator.predict_noise(
+        predicted = self.generator.predict(
             self.generator.add_noise(clean, noise, t), t, y
         )
-        return F.mse_loss(predicted, noise)
+        target = self.generator.training_target(clean, noise, t)
+        if self.snr_gamma is None:
+            return F.mse_loss(predicted, target)
+        errors = (predicted - target).pow(2).flatten(1).mean(1)
+        return (errors * self._snr_weight(t)).mean()
+
+    def _snr_weight(self, t: Tensor) -> Tensor:
+        """Min-SNR-gamma weights, for the generator's prediction type."""
+        snr = self.generator.snr(t)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.generator.prediction_type == "epsilon":
+            return clipped / snr
+        if self.generator.prediction_type == "sample":
+            return clipped
+        return clipped / (snr + 1)
 
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
         self.generator.train()
@@ -366,14 +465,21 @@ class DDPMTrainer(GeneratorTrainer):
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update_parameters(self.generator.unet)
         return {"diffusion": loss.item()}
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "generator": self.generator.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.load_state_dict(state["generator"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.average is not None and "average" in state:
+            self.average.load_state_dict(state["average"])

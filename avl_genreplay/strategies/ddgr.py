@@ -49,6 +49,13 @@ class DDGR(SupervisedTemplate):
     :param generator_iterations: diffusion training steps per experience.
     :param generator_mb_size: the diffusion model's batch size.
     :param generator_lr: its learning rate.
+    :param prediction_type: what the default UNet predicts (``"epsilon"``,
+        ``"sample"`` or ``"v_prediction"``).
+    :param snr_gamma: Min-SNR loss weighting of the diffusion model
+        (:class:`~avl_genreplay.generators.diffusion.DDPMTrainer`); ``None``
+        for none.
+    :param ema_decay: sample from a moving average of the diffusion model's
+        weights; ``None`` to sample from its last weights.
     :param samples_per_class: images generated once per past class before
         each experience.
     :param guidance_scale: weight of the previous solver's guidance (0: none).
@@ -58,6 +65,10 @@ class DDGR(SupervisedTemplate):
         ``None`` for ``1 / t``.
     :param replay_mb_size: replayed samples per solver iteration; ``None`` for
         the size of the current minibatch.
+    :param soft_targets: the solver learns the previous solver's tempered
+        probabilities on replayed samples (distillation) instead of the
+        requested classes.
+    :param temperature: distillation temperature for ``soft_targets``.
     :param progress_bar: show the diffusion model's and the sampling's
         progress bars.
     :param train_mb_size: the solver's minibatch size.
@@ -84,11 +95,16 @@ class DDGR(SupervisedTemplate):
         generator_iterations: int = 1000,
         generator_mb_size: int = 64,
         generator_lr: float = 1e-3,
+        prediction_type: str = "epsilon",
+        snr_gamma: Optional[float] = None,
+        ema_decay: Optional[float] = None,
         samples_per_class: int = 500,
         guidance_scale: float = 1.0,
         guide_on: str = "x0",
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
+        soft_targets: bool = False,
+        temperature: float = 2.0,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -112,6 +128,7 @@ class DDGR(SupervisedTemplate):
                 num_classes,
                 base_channels=base_channels,
                 sampling_steps=sampling_steps,
+                prediction_type=prediction_type,
             )
         elif not generator.is_conditional:
             raise ValueError("DDGR needs a class-conditional diffusion model")
@@ -131,9 +148,13 @@ class DDGR(SupervisedTemplate):
             self.pool,
             importance_ratio=importance_ratio,
             replay_mb_size=replay_mb_size,
+            soft_targets=soft_targets,
+            temperature=temperature,
         )
         self.generator_plugin = GeneratorTrainingPlugin(
-            DDPMTrainer(generator, lr=generator_lr),
+            DDPMTrainer(
+                generator, lr=generator_lr, snr_gamma=snr_gamma, ema_decay=ema_decay
+            ),
             train_iterations=generator_iterations,
             train_mb_size=generator_mb_size,
             replay_generator=self.pool,
