@@ -12,8 +12,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from avalanche.models.generator import Generator
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["ImageGenerator", "GeneratorTrainer"]
+__all__ = ["ImageGenerator", "GeneratorTrainer", "WeightAverage", "check_ema_decay"]
 
 
 class ImageGenerator(Generator, nn.Module):
@@ -182,3 +183,48 @@ class GeneratorTrainer(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict) -> None:
         """Restores what :meth:`state_dict` returned."""
+
+
+def check_ema_decay(decay: Optional[float]) -> None:
+    """Raises ``ValueError`` unless ``decay`` is ``None`` or in ``(0, 1)``."""
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay must lie in (0, 1), got {decay}")
+
+
+class WeightAverage:
+    """An exponential moving average of a module's parameters over one
+    experience, loaded into the module at its end (buffers, such as a DGM
+    generator's reservations, are the module's own and left alone).
+
+    Samples from averaged weights are smoother than from the last ones, for
+    diffusion models (Ho et al., 2020) and GANs alike (Yazici et al., 2019).
+    Entries that do not change during the experience (e.g. a DGM generator's
+    reserved weights) keep their exact value: the average moves by
+    ``(1 - decay) * (new - average)``, which is 0 for them.
+
+    :param module: the module whose weights are averaged.
+    :param decay: the average's decay per :meth:`update`, in ``(0, 1)``.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        check_ema_decay(decay)
+        self.module = module
+        self.average = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def update(self) -> None:
+        """Moves the average towards the module's current weights."""
+        self.average.update_parameters(self.module)
+
+    @torch.no_grad()
+    def load_into_module(self) -> None:
+        """Replaces the module's parameters by their average."""
+        for live, averaged in zip(
+            self.module.parameters(), self.average.module.parameters()
+        ):
+            live.copy_(averaged)
+
+    def state_dict(self) -> dict:
+        return self.average.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average.load_state_dict(state)

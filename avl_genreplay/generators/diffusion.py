@@ -23,10 +23,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
+from avl_genreplay.generators.base import (
+    GeneratorTrainer,
+    ImageGenerator,
+    WeightAverage,
+    check_ema_decay,
+)
 
 __all__ = [
     "SmallUNet",
@@ -409,25 +413,20 @@ class DDPMTrainer(GeneratorTrainer):
             raise ValueError(f"lr must be > 0, got {lr}")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
+        check_ema_decay(ema_decay)
         self.generator = generator
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
         self.snr_gamma = snr_gamma
         self.ema_decay = ema_decay
-        self.average: Optional[AveragedModel] = None
+        self.average: Optional[WeightAverage] = None
 
     def start_experience(self, experience_index: int) -> None:
         if self.ema_decay is not None:
-            self.average = AveragedModel(
-                self.generator.unet,
-                multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay),
-                use_buffers=True,
-            )
+            self.average = WeightAverage(self.generator.unet, self.ema_decay)
 
     def end_experience(self, experience_index: int) -> None:
         if self.average is not None:
-            self.generator.unet.load_state_dict(self.average.module.state_dict())
+            self.average.load_into_module()
             self.average = None
 
     def optimizers(self) -> List[torch.optim.Optimizer]:
@@ -466,7 +465,7 @@ class DDPMTrainer(GeneratorTrainer):
         loss.backward()
         self.optimizer.step()
         if self.average is not None:
-            self.average.update_parameters(self.generator.unet)
+            self.average.update()
         return {"diffusion": loss.item()}
 
     def state_dict(self) -> dict:
