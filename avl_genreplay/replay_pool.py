@@ -167,7 +167,8 @@ class ReplayPoolPlugin(SupervisedPlugin):
         self.guide_on = guide_on
         self.progress_bar = progress_bar
         self.past = PastClasses()
-        # cost of each refill, for reports: seconds and images per second
+        # cost of each refill, for reports: seconds, images per second and,
+        # for a diffusion model, its sampler and denoising steps
         self.sampling_log: List[dict] = []
 
     def before_training_exp(self, strategy, **kwargs):
@@ -192,6 +193,8 @@ class ReplayPoolPlugin(SupervisedPlugin):
                 images=len(labels),
                 seconds=seconds,
                 images_per_second=len(labels) / max(seconds, 1e-9),
+                sampler=getattr(self.generator, "sampler", None),
+                denoising_steps=getattr(self.generator, "sampling_steps", None),
             )
         )
 

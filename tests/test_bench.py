@@ -11,6 +11,7 @@ from PIL import Image
 from avl_genreplay.bench import data
 from avl_genreplay.bench.cli import main
 from avl_genreplay.bench.config import load_config
+from avl_genreplay.bench.report import sampling_table
 from avl_genreplay.bench.runner import RunSpec, peak_ram_mb, run_strategy
 from avl_genreplay.bench.strategies import STRATEGIES
 
@@ -264,6 +265,8 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     assert len(run["accuracy_matrix"]) == rows
     if name == "ddgr":
         assert [log["images"] for log in run["replay_sampling"]] == [8]
+        assert run["replay_sampling"][0]["denoising_steps"] == 2
+        assert run["replay_sampling"][0]["sampler"] == "ddim"
     if name.startswith("dgm"):
         growth = run["generator_growth"]
         assert [record["task"] for record in growth] == [0, 1]
@@ -283,3 +286,27 @@ def test_peak_ram_ignores_readings_the_ram_thread_never_took():
     assert peak_ram_mb(metrics) == 640.5
     unmeasured = {k: v for k, v in metrics.items() if k.endswith("Exp000")}
     assert peak_ram_mb(unmeasured) is None
+
+
+def test_the_sampling_table_sums_each_run_and_skips_strategies_without_a_pool():
+    def log(*entries):
+        return [
+            dict(images=i, seconds=t, sampler="ddim", denoising_steps=20)
+            for i, t in entries
+        ]
+
+    summary = {
+        "naive": {"runs": [{"replay_sampling": None}]},
+        "ddgr": {
+            "runs": [
+                {"replay_sampling": log((100, 1.0), (200, 3.0))},
+                {"replay_sampling": log((100, 2.0), (200, 6.0))},
+            ]
+        },
+    }
+    table = sampling_table(summary)
+    rows = [line for line in table.splitlines() if line.startswith("| ddgr")]
+    # 300 images per run, in 4 s and 8 s: 75 and 37.5 images/s
+    assert rows == ["| ddgr | 300 ± 0 | 6 ± 3 | 56.2 ± 26.5 | ddim | 20 |"]
+    assert "naive" not in table
+    assert sampling_table({"naive": summary["naive"]}) == ""

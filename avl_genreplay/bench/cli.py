@@ -21,6 +21,7 @@ from avl_genreplay.bench.config import load_config
 from avl_genreplay.bench.report import (
     markdown_table,
     plot_accuracy_matrices,
+    sampling_table,
     plot_seen_accuracy,
     replay_grid,
 )
@@ -421,7 +422,12 @@ def _write_results(
     title = f"# {header['benchmark']}, {header['scenario']}"
     if not complete:
         title += " (partial: the run is still going or was cut off)"
-    (folder / f"{stem}.md").write_text(f"{title}\n\n{table}")
+    sampling = sampling_table(summary)
+    if sampling:
+        sampling = (
+            f"\nCost of sampling the replay pools (all experiences):\n\n{sampling}"
+        )
+    (folder / f"{stem}.md").write_text(f"{title}\n\n{table}{sampling}")
     return table, summary
 
 

@@ -7,8 +7,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from avl_genreplay.bench.runner import mean_std
+
 __all__ = [
     "markdown_table",
+    "sampling_table",
     "plot_seen_accuracy",
     "plot_accuracy_matrices",
     "replay_grid",
@@ -41,6 +44,36 @@ def markdown_table(summary: Dict[str, dict]) -> str:
             f"| {len(s['seeds'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def sampling_table(summary: Dict[str, dict]) -> str:
+    """The cost of refilling replay pools (DDGR), per strategy with one: images
+    sampled and seconds spent per run, images per second, sampler and steps
+    (mean ± std over seeds); ``""`` if no strategy has a pool."""
+    lines = []
+    for name, s in summary.items():
+        logs = [run.get("replay_sampling") or [] for run in s["runs"]]
+        if not any(logs):
+            continue
+        images = [float(sum(e["images"] for e in log)) for log in logs]
+        seconds = [sum(e["seconds"] for e in log) for log in logs]
+        rates = [i / max(t, 1e-9) for i, t in zip(images, seconds)]
+        last = next(log[-1] for log in logs if log)
+        sampler = last.get("sampler") or "–"
+        steps = last.get("denoising_steps") or "–"
+        lines.append(
+            f"| {name} | {_pm(*mean_std(images), digits=0)} "
+            f"| {_pm(*mean_std(seconds), digits=0)} "
+            f"| {_pm(*mean_std(rates), digits=1)} | {sampler} | {steps} |"
+        )
+    if not lines:
+        return ""
+    header = [
+        "| strategy | images sampled per run | sampling time per run (s) "
+        "| images/s | sampler | denoising steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + lines) + "\n"
 
 
 def seen_accuracy(matrix: List[List[float]]) -> List[float]:

@@ -42,6 +42,8 @@ __all__ = [
     "replay_sampling",
     "generator_growth",
     "module_bytes",
+    "mean_std",
+    "peak_ram_mb",
 ]
 
 
@@ -214,7 +216,9 @@ def run_strategy(
     }
 
 
-def _mean_std(values: List[Optional[float]]):
+def mean_std(values: List[Optional[float]]):
+    """Mean and sample standard deviation of the values that are not ``None``
+    or NaN (``(None, None)`` if none is left)."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return None, None
@@ -241,7 +245,7 @@ def summarise(runs: List[dict]) -> Dict[str, dict]:
             "wall_seconds",
             "peak_ram_mb",
         ):
-            entry[key], entry[f"{key}_std"] = _mean_std([r[key] for r in mine])
+            entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in mine])
         entry["generator_bytes"] = mine[0]["generator_bytes"]
         entry["runs"] = mine
         summary[name] = entry

