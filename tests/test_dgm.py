@@ -104,14 +104,12 @@ def test_masks_are_soft_in_training_and_binary_at_inference(variant):
     assert set(past.unique().tolist()) <= {0.0, 1.0}
 
 
-@pytest.mark.parametrize("variant, ema_decay", [("w", None), ("a", None), ("a", 0.9)])
+@pytest.mark.parametrize("variant", ["w", "a"])
 def test_a_past_task_generates_the_same_samples_after_a_later_task(
-    variant, ema_decay, tiny_stream
+    variant, tiny_stream
 ):
     torch.manual_seed(0)
-    strategy = _dgm(
-        variant, generator_iterations=12, train_epochs=1, ema_decay=ema_decay
-    )
+    strategy = _dgm(variant, generator_iterations=12, train_epochs=1)
     generator = strategy.generator
     strategy.train(tiny_stream.train_stream[0])
     noise = torch.randn(10, NOISE)
@@ -131,13 +129,11 @@ def test_a_past_task_generates_the_same_samples_after_a_later_task(
     assert generator.class_task.tolist()[:4] == [0, 0, 1, 1]
 
 
-@pytest.mark.parametrize("variant, ema_decay", [("w", None), ("a", None), ("w", 0.9)])
-def test_blocked_parameters_keep_their_values(variant, ema_decay):
+@pytest.mark.parametrize("variant", ["w", "a"])
+def test_blocked_parameters_keep_their_values(variant):
     torch.manual_seed(0)
     generator = _generator(variant)
-    trainer = DGMTrainer(
-        generator, anneal_steps=10, critic_steps=1, ema_decay=ema_decay
-    )
+    trainer = DGMTrainer(generator, anneal_steps=10, critic_steps=1)
     _train_task(trainer, 0, [0, 1], 10)
     trainer.end_experience(0)
     trainer.start_experience(1)
@@ -147,8 +143,6 @@ def test_blocked_parameters_keep_their_values(variant, ema_decay):
         (l.weight.detach().clone(), l.bias.detach().clone()) for l in generator.layers
     ]
     _train_task(trainer, 1, [2, 3], 10, past=[0, 1])
-    if trainer.average is not None:  # what end_experience samples from
-        trainer.average.load_into_module()
     moved_free = False
     for layer, (w0, b0), (w_blocked, b_blocked) in zip(
         generator.layers, before, blocked

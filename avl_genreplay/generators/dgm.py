@@ -26,12 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avl_genreplay.generators.base import (
-    GeneratorTrainer,
-    ImageGenerator,
-    WeightAverage,
-    check_ema_decay,
-)
+from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
 from avl_genreplay.generators.masks import GrowableLayer, TaskMask, annealed_scale
 from avl_genreplay.generators.wgan_gp import ConvCritic, _base_size, gradient_penalty
 
@@ -409,11 +404,6 @@ class DGMTrainer(GeneratorTrainer):
     :param discriminator_channels: channels of the default discriminator.
     :param projection: the default discriminator's critic is also
         conditioned on the label by projection.
-    :param ema_decay: keep an exponential moving average of the generator's
-        weights and mask embeddings over each task, updated after every
-        generator step, and load it before the task's masks are made binary;
-        ``None`` to keep the last weights. Reserved entries do not move, so
-        past tasks' samples stay exactly what they were.
     """
 
     def __init__(
@@ -434,7 +424,6 @@ class DGMTrainer(GeneratorTrainer):
         embedding_limit: float = 6.0,
         discriminator_channels: int = 32,
         projection: bool = False,
-        ema_decay: Optional[float] = None,
     ):
         if not isinstance(generator, MaskedConvGenerator):
             raise ValueError("DGMTrainer needs a MaskedConvGenerator")
@@ -450,9 +439,6 @@ class DGMTrainer(GeneratorTrainer):
             raise ValueError(f"anneal_steps must be >= 1, got {anneal_steps}")
         if lr <= 0 or (mask_lr is not None and mask_lr <= 0):
             raise ValueError("lr and mask_lr must be > 0")
-        check_ema_decay(ema_decay)
-        self.ema_decay = ema_decay
-        self.average: Optional[WeightAverage] = None
         self.generator = generator
         self.discriminator = discriminator or ACDiscriminator(
             generator.output_shape,
@@ -508,15 +494,8 @@ class DGMTrainer(GeneratorTrainer):
         # keep a learning rate lowered by a rollback of the guard
         for group, lr in zip(self.generator_optimizer.param_groups, lrs):
             group["lr"] = lr
-        if self.ema_decay is not None:
-            # after start_task: the average starts from this task's fresh
-            # embeddings and the grown layers
-            self.average = WeightAverage(self.generator, self.ema_decay)
 
     def end_experience(self, experience_index: int) -> None:
-        if self.average is not None:
-            self.average.load_into_module()
-            self.average = None
         self.generator.end_task()
         self.generator.scale = None
 
@@ -579,8 +558,6 @@ class DGMTrainer(GeneratorTrainer):
         self.generator_optimizer.step()
         for mask in generator.masks():
             mask.clamp_(self.embedding_limit)
-        if self.average is not None:
-            self.average.update()
         self.generator_steps += 1
         return {
             "generator": loss.item(),
@@ -596,7 +573,6 @@ class DGMTrainer(GeneratorTrainer):
             "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
             "steps": self.steps,
             "generator_steps": self.generator_steps,
-            **({} if self.average is None else {"average": self.average.state_dict()}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -608,5 +584,3 @@ class DGMTrainer(GeneratorTrainer):
         self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
         self.steps = state["steps"]
         self.generator_steps = state["generator_steps"]
-        if self.average is not None and "average" in state:
-            self.average.load_state_dict(state["average"])

@@ -89,8 +89,6 @@ class DGM(SupervisedTemplate):
     :param discriminator_channels: the discriminator's first feature maps.
     :param projection: condition the critic's score on the label by
         projection too, beside the auxiliary classifier.
-    :param ema_decay: the generator keeps a moving average of its weights
-        over each task and generates from it (``None``: its last weights).
     :param generator_iterations: discriminator steps per experience.
     :param generator_mb_size: the AC-GAN's batch size.
     :param generator_lr: the AC-GAN's learning rate.
@@ -150,7 +148,6 @@ class DGM(SupervisedTemplate):
         generator_channels: Tuple[int, int] = (64, 32),
         discriminator_channels: int = 32,
         projection: bool = False,
-        ema_decay: Optional[float] = None,
         generator_iterations: int = 1000,
         generator_mb_size: int = 64,
         generator_lr: float = 2e-3,
@@ -227,7 +224,6 @@ class DGM(SupervisedTemplate):
                 ),
                 discriminator_channels=discriminator_channels,
                 projection=projection,
-                ema_decay=ema_decay,
             )
         elif generator_trainer.generator is not generator:
             raise ValueError("generator_trainer must train the given generator")
