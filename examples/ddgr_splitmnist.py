@@ -6,12 +6,15 @@ Without ``--data-root`` (or ``$AVL_GENREPLAY_DATA``), Avalanche downloads MNIST.
 The same plugins can be added by hand to any Avalanche strategy (the pool
 plugin first, so the pool is full when the others take their copies)::
 
-    diffusion = DiffusionGenerator((1, 28, 28), num_classes=10)
+    diffusion = DiffusionGenerator(
+        (1, 28, 28), num_classes=10, base_channels=16, prediction_type="sample"
+    )
     pool = ReplayPool((1, 28, 28), num_classes=10)
+    trainer = DDPMTrainer(diffusion, lr=2e-3, ema_decay=0.995)
     plugins = [
-        ReplayPoolPlugin(diffusion, pool, samples_per_class=500),
-        SolverReplayPlugin(pool),
-        GeneratorTrainingPlugin(DDPMTrainer(diffusion), replay_generator=pool),
+        ReplayPoolPlugin(diffusion, pool, samples_per_class=1000),
+        SolverReplayPlugin(pool, soft_targets=True),
+        GeneratorTrainingPlugin(trainer, replay_generator=pool),
     ]
     Naive(model=model, optimizer=optimizer, plugins=plugins)
 """
