@@ -21,9 +21,9 @@ from avl_genreplay.bench.config import load_config
 from avl_genreplay.bench.report import (
     markdown_table,
     plot_accuracy_matrices,
-    sampling_table,
     plot_seen_accuracy,
     replay_grid,
+    sampling_table,
 )
 from avl_genreplay.bench.runner import (
     RunSpec,

@@ -233,10 +233,13 @@ class DiffusionGenerator(ImageGenerator):
         clean image or velocity, by ``prediction_type``."""
         return self.unet(noisy, t, condition if self.is_conditional else None)
 
-    def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
-        """``alpha_bar_t`` per sample, shaped to broadcast over ``like``."""
-        alphas = self.training_schedule.alphas_cumprod.to(like.device, like.dtype)
-        return alphas[t].reshape(-1, *([1] * (like.dim() - 1)))
+    def alpha_bar(self, t: Tensor, like: Optional[Tensor] = None) -> Tensor:
+        """``alpha_bar_t`` per sample; shaped (and typed) to broadcast over
+        ``like`` if given."""
+        alphas = self.training_schedule.alphas_cumprod.to(t.device)[t]
+        if like is None:
+            return alphas
+        return alphas.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
     def predict_noise(
         self, noisy: Tensor, t: Tensor, condition: Optional[Tensor] = None
@@ -264,8 +267,8 @@ class DiffusionGenerator(ImageGenerator):
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` at ``t``."""
-        alphas = self.training_schedule.alphas_cumprod.to(t.device)[t]
-        return alphas / (1 - alphas)
+        alpha_bar = self.alpha_bar(t)
+        return alpha_bar / (1 - alpha_bar)
 
     def add_noise(self, clean: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``x_t`` for clean images in the unit range (the forward process)."""

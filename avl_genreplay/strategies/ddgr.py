@@ -61,7 +61,8 @@ class DDGR(SupervisedTemplate):
         ``"sample"`` or ``"v_prediction"``). The clean image (``"sample"``)
         learns far faster on a CPU budget: after 1,000 steps on MNIST's first
         two classes an MNIST classifier recognised the requested class in
-        95 % of the samples, against 58 % predicting the noise.
+        95 % of the samples, against 45-69 % predicting the noise
+        (benchmarks/README.md, "What was tried for DDGR").
     :param snr_gamma: Min-SNR loss weighting of the diffusion model
         (:class:`~avl_genreplay.generators.diffusion.DDPMTrainer`); ``None``
         for none.
