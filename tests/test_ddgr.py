@@ -104,6 +104,38 @@ def test_the_moving_average_is_what_the_generator_keeps():
     assert trainer.average is None
 
 
+def test_distilled_replay_learns_the_previous_models_predictions():
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(num_classes=3)
+    trainer = DDPMTrainer(generator, lr=1e-2, distill_replay=True)
+    first = torch.rand(8, *SHAPE), torch.tensor([0, 1] * 4)
+    trainer.start_experience(0)
+    for _ in range(3):
+        trainer.train_step(*first)
+    assert trainer.teacher is None  # nothing to distil in the first experience
+    trainer.end_experience(0)
+    assert trainer.learned_classes == [0, 1]
+    trainer.start_experience(1)
+    assert trainer.teacher is not None
+    # at the start the model is its teacher: replayed classes cost nothing,
+    # while the same images as a new class are still learned from the image
+    replayed = trainer.loss(first[0], first[1])
+    new_class = trainer.loss(first[0], torch.full((8,), 2))
+    assert replayed.item() < 1e-10 < new_class.item()
+    trainer.train_step(first[0], torch.tensor([0, 2] * 4))
+    teacher = [p.clone() for p in trainer.teacher.parameters()]
+    # a resumed trainer distils from the same teacher
+    resumed = DDPMTrainer(_tiny_diffusion(num_classes=3), distill_replay=True)
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.learned_classes == [0, 1]
+    assert all(torch.equal(p, q) for p, q in zip(resumed.teacher.parameters(), teacher))
+    assert not all(torch.equal(p, q) for p, q in zip(generator.parameters(), teacher))
+    trainer.end_experience(1)
+    assert trainer.learned_classes == [0, 1, 2] and trainer.teacher is None
+    with pytest.raises(ValueError, match="class-conditional"):
+        DDPMTrainer(_tiny_diffusion(), distill_replay=True)
+
+
 def test_ddim_sampling_is_deterministic_from_its_starting_noise():
     torch.manual_seed(0)
     generator = _tiny_diffusion(num_classes=3).eval()
@@ -170,11 +202,13 @@ def test_the_replay_pool_holds_past_classes_in_shape_and_range(tiny_stream):
         generator=_tiny_diffusion(num_classes=6),
         generator_iterations=6,
         samples_per_class=10,
+        distill_replay=True,
         progress_bar=False,
         train_mb_size=16,
         evaluator=EvaluationPlugin(loggers=[]),
     )
-    recorder = LabelRecordingTrainer(strategy.generator)
+    assert strategy.generator_plugin.trainer.distill_replay
+    recorder = LabelRecordingTrainer(strategy.generator, distill_replay=True)
     strategy.generator_plugin.trainer = recorder
     for index, experience in enumerate(tiny_stream.train_stream):
         before = len(recorder.labels)
@@ -200,6 +234,8 @@ def test_the_replay_pool_holds_past_classes_in_shape_and_range(tiny_stream):
         seen = set(torch.cat(recorder.labels[before:]).tolist())
         assert set(past) <= seen
         assert seen - set(past) == set(experience.classes_in_this_experience)
+        # the replayed classes were distilled from the model before this experience
+        assert recorder.learned_classes == sorted(seen)
     log = strategy.pool_plugin.sampling_log
     assert [entry["images"] for entry in log] == [20, 40]
     assert all(entry["images_per_second"] > 0 for entry in log)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from avl_genreplay.replay import frozen_copy
 from avl_genreplay.generators.base import (
     GeneratorTrainer,
     ImageGenerator,
@@ -402,6 +403,12 @@ class DDPMTrainer(GeneratorTrainer):
         each experience and sample from it afterwards (the average is loaded
         into the generator at the end of the experience); ``None`` to use the
         last weights.
+    :param distill_replay: for samples of classes learned in past
+        experiences (the replay), the target is the prediction of the model
+        as it was at the start of the experience, at the same noisy input,
+        instead of the replayed image: the model is distilled from its
+        predecessor on the replay, so old classes drift less from one
+        experience to the next. Needs a class-conditional generator.
     """
 
     def __init__(
@@ -411,26 +418,42 @@ class DDPMTrainer(GeneratorTrainer):
         *,
         snr_gamma: Optional[float] = None,
         ema_decay: Optional[float] = None,
+        distill_replay: bool = False,
     ):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
         check_ema_decay(ema_decay)
+        if distill_replay and not generator.is_conditional:
+            raise ValueError(
+                "distill_replay needs a class-conditional generator (the labels "
+                "tell replay from new data)"
+            )
         self.generator = generator
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
         self.snr_gamma = snr_gamma
         self.ema_decay = ema_decay
         self.average: Optional[WeightAverage] = None
+        self.distill_replay = distill_replay
+        self.teacher: Optional[DiffusionGenerator] = None
+        # classes of finished experiences, and of the one being learned
+        self.learned_classes: List[int] = []
+        self._classes_now: set = set()
 
     def start_experience(self, experience_index: int) -> None:
         if self.ema_decay is not None:
             self.average = WeightAverage(self.generator.unet, self.ema_decay)
+        if self.distill_replay and self.learned_classes:
+            self.teacher = frozen_copy(self.generator)
 
     def end_experience(self, experience_index: int) -> None:
         if self.average is not None:
             self.average.load_into_module()
             self.average = None
+        self.learned_classes = sorted(set(self.learned_classes) | self._classes_now)
+        self._classes_now = set()
+        self.teacher = None
 
     def optimizers(self) -> List[torch.optim.Optimizer]:
         return [self.optimizer]
@@ -442,10 +465,18 @@ class DDPMTrainer(GeneratorTrainer):
         t = torch.randint(
             0, self.generator.train_timesteps, (len(clean),), device=clean.device
         )
-        predicted = self.generator.predict(
-            self.generator.add_noise(clean, noise, t), t, y
-        )
+        noisy = self.generator.add_noise(clean, noise, t)
+        predicted = self.generator.predict(noisy, t, y)
         target = self.generator.training_target(clean, noise, t)
+        if self.teacher is not None and y is not None:
+            replayed = torch.isin(y, torch.as_tensor(self.learned_classes).to(y))
+            if replayed.any():
+                with torch.no_grad():
+                    taught = self.teacher.predict(
+                        noisy[replayed], t[replayed], y[replayed]
+                    )
+                target = target.clone()
+                target[replayed] = taught
         if self.snr_gamma is None:
             return F.mse_loss(predicted, target)
         errors = (predicted - target).pow(2).flatten(1).mean(1)
@@ -463,6 +494,8 @@ class DDPMTrainer(GeneratorTrainer):
 
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
         self.generator.train()
+        if y is not None:
+            self._classes_now.update(int(c) for c in y.unique())
         loss = self.loss(x, y)
         self.optimizer.zero_grad()
         loss.backward()
@@ -478,6 +511,10 @@ class DDPMTrainer(GeneratorTrainer):
         }
         if self.average is not None:
             state["average"] = self.average.state_dict()
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        state["learned_classes"] = list(self.learned_classes)
+        state["classes_now"] = sorted(self._classes_now)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -485,3 +522,8 @@ class DDPMTrainer(GeneratorTrainer):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.average is not None and "average" in state:
             self.average.load_state_dict(state["average"])
+        self.learned_classes = list(state.get("learned_classes", []))
+        self._classes_now = set(state.get("classes_now", []))
+        if "teacher" in state:
+            self.teacher = frozen_copy(self.generator)
+            self.teacher.load_state_dict(state["teacher"])

@@ -68,6 +68,9 @@ class DDGR(SupervisedTemplate):
         for none.
     :param ema_decay: sample from a moving average of the diffusion model's
         weights; ``None`` to sample from its last weights.
+    :param distill_replay: the diffusion model learns its predecessor's
+        predictions on the replayed classes instead of the replayed images
+        (:class:`~avl_genreplay.generators.diffusion.DDPMTrainer`).
     :param samples_per_class: images generated once per past class before
         each experience.
     :param guidance_scale: weight of the previous solver's guidance (0: none).
@@ -110,6 +113,7 @@ class DDGR(SupervisedTemplate):
         prediction_type: str = "sample",
         snr_gamma: Optional[float] = None,
         ema_decay: Optional[float] = 0.995,
+        distill_replay: bool = False,
         samples_per_class: int = 500,
         guidance_scale: float = 1.0,
         guide_on: str = "x0",
@@ -165,7 +169,11 @@ class DDGR(SupervisedTemplate):
         )
         self.generator_plugin = GeneratorTrainingPlugin(
             DDPMTrainer(
-                generator, lr=generator_lr, snr_gamma=snr_gamma, ema_decay=ema_decay
+                generator,
+                lr=generator_lr,
+                snr_gamma=snr_gamma,
+                ema_decay=ema_decay,
+                distill_replay=distill_replay,
             ),
             train_iterations=generator_iterations,
             train_mb_size=generator_mb_size,
