@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from avl_genreplay.replay import frozen_copy
 from avl_genreplay.generators.base import (
     GeneratorTrainer,
     ImageGenerator,
     WeightAverage,
     check_ema_decay,
 )
+from avl_genreplay.replay import frozen_copy
 
 __all__ = [
     "SmallUNet",
@@ -437,7 +437,8 @@ class DDPMTrainer(GeneratorTrainer):
         self.average: Optional[WeightAverage] = None
         self.distill_replay = distill_replay
         self.teacher: Optional[DiffusionGenerator] = None
-        # classes of finished experiences, and of the one being learned
+        # with distill_replay: classes of finished experiences, and of the
+        # one being learned
         self.learned_classes: List[int] = []
         self._classes_now: set = set()
 
@@ -494,7 +495,8 @@ class DDPMTrainer(GeneratorTrainer):
 
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
         self.generator.train()
-        if y is not None:
+        # only distillation needs to know which classes are replay
+        if self.distill_replay and y is not None:
             self._classes_now.update(int(c) for c in y.unique())
         loss = self.loss(x, y)
         self.optimizer.zero_grad()
