@@ -10,10 +10,10 @@ plugin first, so the pool is full when the others take their copies)::
         (1, 28, 28), num_classes=10, base_channels=16, prediction_type="sample"
     )
     pool = ReplayPool((1, 28, 28), num_classes=10)
-    trainer = DDPMTrainer(diffusion, lr=2e-3, ema_decay=0.995)
+    trainer = DDPMTrainer(diffusion, lr=2e-3, ema_decay=0.995, distill_replay=True)
     plugins = [
-        ReplayPoolPlugin(diffusion, pool, samples_per_class=1000),
-        SolverReplayPlugin(pool, soft_targets=True),
+        ReplayPoolPlugin(diffusion, pool, samples_per_class=2000),
+        SolverReplayPlugin(pool, replay_mb_size=256, soft_targets=True),
         GeneratorTrainingPlugin(trainer, replay_generator=pool),
     ]
     Naive(model=model, optimizer=optimizer, plugins=plugins)
@@ -37,7 +37,7 @@ def main(argv=None):
     parser.add_argument("--data-root", default=os.environ.get("AVL_GENREPLAY_DATA"))
     parser.add_argument("--experiences", type=int, default=5)
     parser.add_argument("--generator-iterations", type=int, default=1000)
-    parser.add_argument("--samples-per-class", type=int, default=1000)
+    parser.add_argument("--samples-per-class", type=int, default=2000)
     parser.add_argument("--train-subset", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -54,9 +54,9 @@ def main(argv=None):
         num_classes=10,
         generator_iterations=args.generator_iterations,
         samples_per_class=args.samples_per_class,
-        sampling_steps=20,
+        replay_mb_size=256,  # the benchmark's settings (benchmarks/README.md)
         train_mb_size=128,
-        train_epochs=2,
+        train_epochs=4,
         evaluator=EvaluationPlugin(
             accuracy_metrics(experience=True, stream=True),
             forgetting_metrics(experience=True, stream=True),
