@@ -3,13 +3,14 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 from PIL import Image
 
 from avl_genreplay.bench import data
-from avl_genreplay.bench.cli import main
+from avl_genreplay.bench.cli import CLIError, _output_folder, main
 from avl_genreplay.bench.config import load_config
 from avl_genreplay.bench.report import sampling_table
 from avl_genreplay.bench.runner import RunSpec, peak_ram_mb, run_strategy
@@ -213,6 +214,28 @@ def test_cli_refuses_an_output_folder_it_cannot_write(data_root, tmp_path, capsy
     assert (
         code == 2 and "not writable" in error and len(error.strip().splitlines()) == 1
     )
+
+
+def test_commands_started_together_all_find_the_output_folder_writable(tmp_path):
+    # one command per seed starts at the same moment; their write probes must
+    # not delete each other's (a fixed probe name failed one of two commands)
+    folder = tmp_path / "out"
+    errors = []
+
+    def probe():
+        for _ in range(200):
+            try:
+                _output_folder(str(folder))
+            except CLIError as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=probe) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert list(folder.iterdir()) == []
 
 
 def test_python_dash_m_entry_point_reports_errors_with_exit_code():

@@ -9,6 +9,7 @@ import fcntl
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -203,9 +204,10 @@ def _output_folder(path: str) -> Path:
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a uniquely named probe: commands started together (one per seed) must
+        # not delete each other's
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as error:
         raise CLIError(
             f"output folder {folder} is not writable: {error.strerror or error}"
