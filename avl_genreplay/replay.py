@@ -145,13 +145,6 @@ class PastClasses:
     def __bool__(self) -> bool:
         return self.experiences > 0
 
-    def state_dict(self) -> dict:
-        return {"by_task": dict(self.by_task), "experiences": self.experiences}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.by_task = {int(t): list(c) for t, c in state["by_task"].items()}
-        self.experiences = state["experiences"]
-
 
 def past_classes_mask(past: PastClasses, tasks: Tensor, num_outputs: int) -> Tensor:
     """Boolean ``(batch, outputs)`` mask of the past classes of each sample's

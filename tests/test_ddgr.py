@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from avalanche.models import SimpleMLP
+from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 
 from avl_genreplay.bench.data import subsample_experience
 from avl_genreplay.generators.diffusion import DDPMTrainer, DiffusionGenerator
+from avl_genreplay.generators.wgan_gp import ConvGenerator
 from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
 from avl_genreplay.strategies import DDGR
 
@@ -85,6 +87,21 @@ def test_min_snr_weights_cap_every_type_at_gamma(prediction_type):
     }[prediction_type]
     assert torch.allclose(in_x0_terms, snr.clamp(max=5.0), rtol=1e-4)
     assert snr[0] > 5.0 > snr[-1]
+
+
+def test_min_snr_weighting_reaches_the_training_loss():
+    generator = _tiny_diffusion(num_classes=2, prediction_type="epsilon")
+    x, y = torch.rand(16, *SHAPE), torch.tensor([0, 1] * 8)
+
+    def loss(gamma):
+        torch.manual_seed(0)  # the same timesteps and noise for every gamma
+        return DDPMTrainer(generator, snr_gamma=gamma).loss(x, y)
+
+    plain = loss(None)
+    # for noise prediction the weight is min(SNR, gamma) / SNR: 1 when gamma
+    # caps nothing, below 1 at the timesteps whose SNR exceeds gamma
+    assert torch.allclose(loss(1e12), plain)
+    assert loss(0.5) < plain
 
 
 def test_the_moving_average_is_what_the_generator_keeps():
@@ -292,6 +309,31 @@ def test_the_pool_refuses_classes_it_does_not_hold():
         pool.fill(torch.zeros(2, 3, 12, 12), torch.tensor([1, 2]))
     dataset = pool.as_dataset()
     assert len(dataset) == 4 and list(dataset.targets) == [1, 1, 2, 2]
+    assert pool.generate(5).shape == (5, *SHAPE)  # no condition: any class
+    with pytest.raises(ValueError, match="one class per sample"):
+        pool.generate(3, torch.tensor([1, 2]))
+
+
+def test_the_pool_plugin_fills_from_any_conditional_generator(tiny_stream):
+    # a generator without a guided ``sample`` (here a conditional GAN) is
+    # sampled through ``generate``, unguided
+    generator = ConvGenerator(SHAPE, 8, channels=4, num_classes=6)
+    pool = ReplayPool(SHAPE, 6)
+    plugin = ReplayPoolPlugin(generator, pool, samples_per_class=5, progress_bar=False)
+    model = SimpleMLP(num_classes=6, input_size=144, hidden_size=16, drop_rate=0)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        evaluator=EvaluationPlugin(loggers=[]),
+        plugins=[plugin],
+    )
+    strategy.train(tiny_stream.train_stream[0])
+    assert len(pool) == 0  # nothing to replay before the second experience
+    strategy.train(tiny_stream.train_stream[1])
+    past = sorted(tiny_stream.train_stream[0].classes_in_this_experience)
+    assert torch.bincount(pool.y).nonzero().flatten().tolist() == past
+    assert torch.bincount(pool.y)[past].tolist() == [5, 5]
+    assert pool.x.shape == (10, *SHAPE) and torch.isfinite(pool.x).all()
 
 
 def test_the_pool_plugin_needs_a_conditional_generator():

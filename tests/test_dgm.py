@@ -15,6 +15,7 @@ from avl_genreplay.generators.dgm import (
     MaskedConvGenerator,
 )
 from avl_genreplay.generators.masks import TaskMask, annealed_scale
+from avl_genreplay.generators.wgan_gp import ConvGenerator
 from avl_genreplay.strategies import DGM
 
 SHAPE = (1, 12, 12)
@@ -213,6 +214,10 @@ def test_the_scale_is_annealed_from_its_inverse_to_its_maximum():
     assert annealed_scale(500, 100, 1e4) == pytest.approx(1e4)
     scales = [annealed_scale(i, 100, 1e4) for i in range(100)]
     assert scales == sorted(scales)
+    # a one-step anneal is binary at once; a scale below 1 is refused
+    assert annealed_scale(0, 1, 1e4) == 1e4
+    with pytest.raises(ValueError, match="s_max"):
+        annealed_scale(0, 100, 0.5)
 
 
 def test_a_task_mask_commits_binary_masks_and_grows_free():
@@ -335,6 +340,38 @@ def test_bad_generator_settings_are_refused():
         )
     with pytest.raises(ValueError, match="model and an optimizer"):
         DGM(input_shape=SHAPE, num_classes=6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(critic_steps=0), "critic_steps"),
+        (dict(penalty_share=0.0), "penalty_share"),
+        (dict(penalty_share=1.5), "penalty_share"),
+        (dict(anneal_steps=0), "anneal_steps"),
+    ],
+)
+def test_bad_trainer_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DGMTrainer(_generator("a"), **kwargs)
+
+
+def test_the_generator_and_its_trainer_need_class_labels():
+    generator = _generator("a")
+    with pytest.raises(ValueError, match="conditional: pass class labels"):
+        generator.decode(generator.sample_noise(2))
+    with pytest.raises(ValueError, match="class-conditional: pass labels"):
+        DGMTrainer(generator).train_step(torch.rand(4, *SHAPE))
+
+
+def test_the_strategy_refuses_a_generator_it_cannot_use():
+    with pytest.raises(ValueError, match="input_shape and num_classes"):
+        DGM(variant="a", **_solver_kwargs())
+    with pytest.raises(ValueError, match="MaskedConvGenerator"):
+        DGM(generator=ConvGenerator(SHAPE, NOISE, 8, 6), **_solver_kwargs())
+    other = DGMTrainer(_generator("a"))
+    with pytest.raises(ValueError, match="must train the given generator"):
+        DGM(generator=_generator("a"), generator_trainer=other, **_solver_kwargs())
 
 
 class _NaNAt(DGMTrainer):

@@ -346,3 +346,15 @@ def test_ratios_and_batch_sizes_out_of_range(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _dgr_with(model, **kwargs)
     assert _untouched(model, weights)
+
+
+def test_dgr_refuses_a_missing_shape_or_a_trainer_of_another_generator():
+    with pytest.raises(ValueError, match="input_shape"):
+        DGR(**_small_solver())
+    other = WGANGPTrainer(ConvGenerator(SHAPE, channels=8))
+    with pytest.raises(ValueError, match="must train the given generator"):
+        DGR(
+            generator=ConvGenerator(SHAPE, channels=8),
+            generator_trainer=other,
+            **_small_solver(),
+        )

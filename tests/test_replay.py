@@ -1,5 +1,7 @@
 """The method-agnostic solver replay plugin and the generator-training plugin."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,11 @@ from avalanche.training.plugins import EvaluationPlugin
 from avl_genreplay.bench.data import synthetic_benchmark
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
-from avl_genreplay.replay import SolverReplayPlugin
+from avl_genreplay.replay import (
+    SolverReplayPlugin,
+    experience_classes,
+    experience_task_label,
+)
 from avl_genreplay.strategies import DGR
 
 SHAPE = (1, 12, 12)
@@ -259,6 +265,33 @@ def test_generator_batches_mix_real_data_and_replay(tiny_stream):
     assert len(plugin.loss_history) == 2
 
 
+def test_alongside_the_generator_takes_the_solvers_minibatches_plus_replay(
+    tiny_stream,
+):
+    trainer = RecordingTrainer(ConvGenerator(SHAPE, channels=8))
+    plugin = GeneratorTrainingPlugin(
+        trainer, schedule="alongside", replay_share=0.5, progress_bar=False
+    )
+    strategy = naive_with(plugin)
+    strategy.train_mb_size = 8
+    strategy.train(tiny_stream.train_stream[0])
+    # 32 samples in minibatches of 8: one generator step per solver iteration
+    assert [len(x) for x in trainer.batches] == [8] * 4
+    strategy.train(tiny_stream.train_stream[1])
+    # then each step adds as much replay as real data (share 0.5)
+    assert [len(x) for x in trainer.batches[4:]] == [16] * 4
+
+
+def test_train_epochs_sets_the_generator_steps_from_the_data(tiny_stream):
+    trainer = RecordingTrainer(ConvGenerator(SHAPE, channels=8))
+    plugin = GeneratorTrainingPlugin(
+        trainer, train_epochs=2, train_mb_size=12, progress_bar=False
+    )
+    naive_with(plugin).train(tiny_stream.train_stream[0])
+    # 2 passes over 32 samples in batches of 12: 2 x 3 steps
+    assert len(trainer.batches) == 6
+
+
 def test_preloaded_data_gives_the_generator_the_same_batches(tiny_stream):
     def real_batches(preload):
         torch.manual_seed(0)
@@ -339,6 +372,12 @@ def test_bad_replay_settings_are_refused(kwargs, message):
         (dict(train_mb_size=0), "train_mb_size"),
         (dict(schedule="before"), "schedule"),
         (dict(train_iterations=0), "train_iterations"),
+        (dict(train_epochs=0), "train_epochs"),
+        (dict(check_every=0), "check_every"),
+        (dict(check_samples=1), "check_samples"),
+        (dict(max_retries=-1), "max_retries"),
+        (dict(lr_decay=0.0), "lr_decay"),
+        (dict(lr_decay=1.5), "lr_decay"),
     ],
 )
 def test_bad_generator_training_settings_are_refused(kwargs, message):
@@ -382,3 +421,17 @@ def test_balanced_replay_loss_is_the_class_weighted_cross_entropy(tiny_stream):
         balanced = (class_balancing_weights(batch.y) * per_sample).sum()
         expected = 0.5 * first["loss"] + 0.5 * balanced
         assert torch.allclose(second["loss"], expected, atol=1e-5)
+
+
+def test_an_experience_without_class_list_takes_its_classes_from_targets():
+    experience = SimpleNamespace(dataset=SimpleNamespace(targets=[3, 1, 3, 0]))
+    assert experience_classes(experience) == [0, 1, 3]
+    with pytest.raises(ValueError, match="no class information"):
+        experience_classes(SimpleNamespace(dataset=SimpleNamespace()))
+
+
+def test_task_labels_of_an_experience():
+    assert experience_task_label(SimpleNamespace(task_labels=[2])) == 2
+    assert experience_task_label(SimpleNamespace()) == 0
+    with pytest.raises(ValueError, match="several task labels"):
+        experience_task_label(SimpleNamespace(task_labels=[0, 1]))
