@@ -333,3 +333,25 @@ def test_the_sampling_table_sums_each_run_and_skips_strategies_without_a_pool():
     assert rows == ["| ddgr | 300 ± 0 | 6 ± 3 | 56.2 ± 26.5 | ddim | 20 |"]
     assert "naive" not in table
     assert sampling_table({"naive": summary["naive"]}) == ""
+
+
+def test_splitfmnist_loads_offline_in_a_fixed_class_order(data_root):
+    if not (data_root / "FashionMNIST").is_dir():
+        pytest.skip(f"real Fashion-MNIST not found under {data_root}")
+    benchmark = data.make_benchmark("splitfmnist", data_root=data_root, seed=3)
+    classes = [sorted(e.classes_in_this_experience) for e in benchmark.train_stream]
+    assert classes == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    x, y, *_ = benchmark.train_stream[2].dataset[0]
+    assert x.shape == (1, 28, 28) and int(y) in (4, 5)
+
+
+def test_splitcifar100_gets_the_half_first_experience_option(monkeypatch):
+    # CIFAR-100 cannot be downloaded here: check what Avalanche is asked for
+    from avalanche.benchmarks import classic
+
+    calls = []
+    monkeypatch.setattr(classic, "SplitCIFAR100", lambda **kw: calls.append(kw))
+    data.make_benchmark("splitcifar100", n_experiences=6, first_experience_half=True)
+    assert calls[0]["first_exp_with_half_classes"] is True
+    assert calls[0]["n_experiences"] == 6
+    assert calls[0]["fixed_class_order"] == list(range(100))
