@@ -31,7 +31,9 @@ _SOLVERS = ("model", "discriminator")
 #: soft mask over the free entries, so its pull on each entry shrinks with
 #: their number (about 96 units in DGM-a, 0.5M weights in DGM-w); the paper's
 #: 0.08 left about half of the free capacity reserved after each task here.
-DEFAULT_SPARSITY = {"w": 100.0, "a": 10.0}
+#: DGM-w with 100 (under 1 % of the first layer's weights per task) ended
+#: SplitMNIST's seed 0 1.7 points lower than with 10.
+DEFAULT_SPARSITY = {"w": 10.0, "a": 10.0}
 
 
 class DGM(SupervisedTemplate):
