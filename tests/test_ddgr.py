@@ -320,12 +320,8 @@ def test_the_pool_plugin_fills_from_any_conditional_generator(tiny_stream):
     generator = ConvGenerator(SHAPE, 8, channels=4, num_classes=6)
     pool = ReplayPool(SHAPE, 6)
     plugin = ReplayPoolPlugin(generator, pool, samples_per_class=5, progress_bar=False)
-    model = SimpleMLP(num_classes=6, input_size=144, hidden_size=16, drop_rate=0)
     strategy = Naive(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-        evaluator=EvaluationPlugin(loggers=[]),
-        plugins=[plugin],
+        **_strategy_kwargs(), evaluator=EvaluationPlugin(loggers=[]), plugins=[plugin]
     )
     strategy.train(tiny_stream.train_stream[0])
     assert len(pool) == 0  # nothing to replay before the second experience
