@@ -14,7 +14,7 @@ of past classes) serves the generator-training plugins, so it lives here too.
 
 from collections import Counter
 from copy import deepcopy
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -258,6 +258,13 @@ class SolverReplayPlugin(SupervisedPlugin):
         frequency of its label in the batch (cross-entropy or distillation),
         so that classes an unconditional generator under-produces still count
         as much as the others.
+    :param augment: a random transformation of a batch of inputs (e.g.
+        Kornia's ``RandomAffine``) applied alike to the solver's training
+        minibatches and to the replayed inputs (before the old solver labels
+        them). The solver then learns every class under the same variations,
+        which makes up for part of what the generator's samples of a class
+        miss. The generator still trains on the untransformed data. ``None``
+        for no transformation.
     """
 
     def __init__(
@@ -270,8 +277,11 @@ class SolverReplayPlugin(SupervisedPlugin):
         temperature: float = 2.0,
         relabel: bool = False,
         balance_classes: bool = False,
+        augment: Optional[Callable[[Tensor], Tensor]] = None,
     ):
         super().__init__()
+        if augment is not None and not callable(augment):
+            raise ValueError(f"augment must be callable, got {type(augment).__name__}")
         if importance_ratio is not None and not 0.0 <= importance_ratio <= 1.0:
             raise ValueError(
                 f"importance_ratio must lie in [0, 1], got {importance_ratio}"
@@ -287,6 +297,8 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.temperature = temperature
         self.relabel = relabel
         self.balance_classes = balance_classes
+        self.augment = augment
+        self._untransformed: Optional[Tensor] = None
         self.past = PastClasses()
         self.old_solver: Optional[nn.Module] = None
         self.old_generator: Optional[Generator] = None
@@ -333,6 +345,8 @@ class SolverReplayPlugin(SupervisedPlugin):
         x, conditions, tasks = sample_past_inputs(
             self.old_generator, n, self.past, device
         )
+        if self.augment is not None:
+            x = self.augment(x)
         need_solver = conditions is None or self.relabel or self.soft_targets
         logits = None
         y = conditions
@@ -342,6 +356,21 @@ class SolverReplayPlugin(SupervisedPlugin):
             if conditions is None or self.relabel:
                 y = logits.argmax(dim=1)
         return Replay(x, y, tasks, logits)
+
+    def before_forward(self, strategy, **kwargs):
+        if self.augment is None:
+            return
+        # only the solver's forward sees the transformed batch: it is put
+        # back after, for plugins that read it later (a generator trained
+        # alongside the solver)
+        self._untransformed = strategy.mbatch[0]
+        with torch.no_grad():
+            strategy.mbatch[0] = self.augment(self._untransformed)
+
+    def after_forward(self, strategy, **kwargs):
+        if self._untransformed is not None:
+            strategy.mbatch[0] = self._untransformed
+            self._untransformed = None
 
     def before_backward(self, strategy, **kwargs):
         if self.old_generator is None:

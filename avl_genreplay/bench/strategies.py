@@ -140,11 +140,32 @@ def _gr(
     return strategy
 
 
+def _with_augmentation(settings: dict) -> dict:
+    """The settings with a config's ``augment`` table (arguments of Kornia's
+    ``RandomAffine``; padding by the border pixels and ``p = 1`` unless set)
+    replaced by that transformation."""
+    spec = settings.get("augment")
+    if spec is None or callable(spec):
+        return settings
+    if not isinstance(spec, dict):
+        raise ValueError(
+            "augment must be a table of RandomAffine arguments, e.g. "
+            "{ degrees = 10.0, translate = [0.07, 0.07], scale = [0.9, 1.1] }"
+        )
+    from kornia.augmentation import RandomAffine
+
+    arguments = {"padding_mode": "border", "p": 1.0}
+    for key, value in spec.items():
+        arguments[key] = tuple(value) if isinstance(value, list) else value
+    return {**settings, "augment": RandomAffine(**arguments)}
+
+
 def _dgr(ctx: StrategyContext, **settings):
     from avl_genreplay.strategies import DGR
 
     kwargs = ctx.template_kwargs()
     settings.setdefault("progress_bar", True)
+    settings = _with_augmentation(settings)
     return DGR(input_shape=ctx.input_shape, **settings, **kwargs)
 
 
@@ -153,6 +174,7 @@ def _ddgr(ctx: StrategyContext, **settings):
 
     kwargs = ctx.template_kwargs()
     settings.setdefault("progress_bar", True)
+    settings = _with_augmentation(settings)
     return DDGR(
         input_shape=ctx.input_shape,
         num_classes=ctx.num_classes,
@@ -166,6 +188,7 @@ def _dgm(ctx: StrategyContext, variant: str, **settings):
 
     kwargs = ctx.template_kwargs()
     settings.setdefault("progress_bar", True)
+    settings = _with_augmentation(settings)
     return DGM(
         input_shape=ctx.input_shape,
         num_classes=ctx.num_classes,

@@ -10,6 +10,7 @@ from avalanche.training.plugins.evaluation import (
     default_evaluator,
 )
 from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor
 from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
@@ -89,6 +90,9 @@ class DDGR(SupervisedTemplate):
         probabilities on replayed samples (distillation) instead of the
         requested classes.
     :param temperature: distillation temperature for ``soft_targets``.
+    :param augment: a random transformation of input batches applied alike
+        to the solver's minibatches and to the replay (see
+        :class:`~avl_genreplay.replay.SolverReplayPlugin`); ``None`` for none.
     :param progress_bar: show the diffusion model's and the sampling's
         progress bars.
     :param train_mb_size: the solver's minibatch size.
@@ -126,6 +130,7 @@ class DDGR(SupervisedTemplate):
         replay_mb_size: Optional[int] = None,
         soft_targets: bool = True,
         temperature: float = 2.0,
+        augment: Optional[Callable[[Tensor], Tensor]] = None,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -171,6 +176,7 @@ class DDGR(SupervisedTemplate):
             replay_mb_size=replay_mb_size,
             soft_targets=soft_targets,
             temperature=temperature,
+            augment=augment,
         )
         self.generator_plugin = GeneratorTrainingPlugin(
             DDPMTrainer(

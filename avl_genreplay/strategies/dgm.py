@@ -10,6 +10,7 @@ from avalanche.training.plugins.evaluation import (
     default_evaluator,
 )
 from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor
 from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
@@ -118,6 +119,9 @@ class DGM(SupervisedTemplate):
         replay instead of its labels (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`).
     :param temperature: distillation temperature.
+    :param augment: a random transformation of input batches applied alike
+        to the solver's minibatches and to the replay (see
+        :class:`~avl_genreplay.replay.SolverReplayPlugin`); ``None`` for none.
     :param generator_preload: keep the experience's data in memory, through its
         transforms, for the generator's training (faster; random augmentations
         would be drawn once: see
@@ -167,6 +171,7 @@ class DGM(SupervisedTemplate):
         relabel: bool = False,
         soft_targets: bool = False,
         temperature: float = 2.0,
+        augment: Optional[Callable[[Tensor], Tensor]] = None,
         generator_preload: bool = False,
         progress_bar: bool = True,
         train_mb_size: int = 128,
@@ -249,6 +254,7 @@ class DGM(SupervisedTemplate):
             relabel=relabel,
             soft_targets=soft_targets,
             temperature=temperature,
+            augment=augment,
         )
         self.generator_plugin = GeneratorTrainingPlugin(
             generator_trainer,

@@ -9,6 +9,7 @@ from avalanche.training.plugins.evaluation import (
     default_evaluator,
 )
 from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor
 from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
@@ -65,6 +66,9 @@ class DGR(SupervisedTemplate):
     :param balance_classes: weigh replayed samples so that every replayed
         class counts the same (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`).
+    :param augment: a random transformation of input batches applied alike
+        to the solver's minibatches and to the replay (see
+        :class:`~avl_genreplay.replay.SolverReplayPlugin`); ``None`` for none.
     :param generator_preload: keep the experience's data in memory, through its
         transforms, for the generator's training (faster; random augmentations
         would be drawn once: see
@@ -101,6 +105,7 @@ class DGR(SupervisedTemplate):
         soft_targets: bool = False,
         temperature: float = 2.0,
         balance_classes: bool = False,
+        augment: Optional[Callable[[Tensor], Tensor]] = None,
         generator_preload: bool = False,
         progress_bar: bool = True,
         train_mb_size: int = 128,
@@ -140,6 +145,7 @@ class DGR(SupervisedTemplate):
             soft_targets=soft_targets,
             temperature=temperature,
             balance_classes=balance_classes,
+            augment=augment,
         )
         self.generator_plugin = GeneratorTrainingPlugin(
             generator_trainer,
