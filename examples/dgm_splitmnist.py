@@ -23,6 +23,7 @@ from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
 from avalanche.logging import InteractiveLogger
 from avalanche.models import SimpleMLP
 from avalanche.training.plugins import EvaluationPlugin
+from kornia.augmentation import RandomAffine
 
 from avl_genreplay import DGM
 
@@ -49,6 +50,16 @@ def main(argv=None):
         num_classes=10,
         variant=args.variant,
         generator_iterations=args.generator_iterations,
+        soft_targets=True,
+        # the solver's minibatches and the replay get the same random
+        # rotations, shifts and scalings (as in the benchmark's config)
+        augment=RandomAffine(
+            degrees=10.0,
+            translate=(0.07, 0.07),
+            scale=(0.9, 1.1),
+            padding_mode="border",
+            p=1.0,
+        ),
         train_mb_size=128,
         train_epochs=2,
         evaluator=EvaluationPlugin(

@@ -355,3 +355,25 @@ def test_splitcifar100_gets_the_half_first_experience_option(monkeypatch):
     assert calls[0]["first_exp_with_half_classes"] is True
     assert calls[0]["n_experiences"] == 6
     assert calls[0]["fixed_class_order"] == list(range(100))
+
+
+def test_an_augment_table_becomes_a_per_sample_random_affine(tiny_stream):
+    from kornia.augmentation import RandomAffine
+
+    from avl_genreplay.bench.strategies import _with_augmentation
+
+    table = {"degrees": 10.0, "translate": [0.1, 0.1], "scale": [0.9, 1.1]}
+    settings = _with_augmentation({"augment": table, "soft_targets": True})
+    augment = settings["augment"]
+    assert isinstance(augment, RandomAffine) and settings["soft_targets"]
+    assert table == {"degrees": 10.0, "translate": [0.1, 0.1], "scale": [0.9, 1.1]}
+    digit = torch.zeros(1, 1, 12, 12)
+    digit[..., 3:9, 5:7] = 1.0
+    out = augment(digit.repeat(8, 1, 1, 1))
+    assert out.shape == (8, 1, 12, 12)
+    # each sample gets its own transformation; the border fills the background
+    assert len({tuple(o.flatten().tolist()) for o in out}) == 8
+    assert out[..., 0, :].abs().max() < 0.2
+    assert _with_augmentation({"lr": 0.1}) == {"lr": 0.1}
+    with pytest.raises(ValueError, match="RandomAffine"):
+        _with_augmentation({"augment": 10.0})

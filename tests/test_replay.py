@@ -229,6 +229,79 @@ def test_conditional_generator_replays_each_past_class_equally(tiny_stream):
     assert counts[:4].tolist() == [10, 10, 10, 10] and counts[4:].sum() == 0
 
 
+class RecordingFlip:
+    """A deterministic stand-in for a random transformation: mirrors the
+    images and keeps what it was given and gave."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x):
+        out = torch.flip(x, dims=[-1])
+        self.calls.append((x.clone(), out.clone()))
+        return out
+
+
+class ForwardWatcher(SupervisedPlugin):
+    """Records the minibatch around the solver's forward and the replay."""
+
+    def __init__(self, replay_plugin):
+        super().__init__()
+        self.replay_plugin = replay_plugin
+        self.steps = []
+
+    def before_forward(self, strategy, **kwargs):
+        self.steps.append(dict(forward_input=strategy.mb_x.clone()))
+
+    def after_forward(self, strategy, **kwargs):
+        model_output = strategy.model(self.steps[-1]["forward_input"])
+        self.steps[-1].update(
+            after=strategy.mb_x.clone(),
+            output_matches=torch.allclose(strategy.mb_output, model_output),
+        )
+
+    def before_backward(self, strategy, **kwargs):
+        plugin = self.replay_plugin
+        replay = plugin.last_replay
+        if plugin.old_generator is None:
+            return
+        last_input, last_output = plugin.augment.calls[-1]
+        old = plugin.old_solver(replay.x)
+        past = sorted(plugin.past.by_task[0])
+        self.steps[-1].update(
+            replay_transformed=torch.equal(replay.x, last_output)
+            and torch.equal(last_input.flip(-1), last_output),
+            labelled_after=torch.allclose(old[:, past], replay.logits[:, past]),
+        )
+
+
+def test_augmentation_transforms_solver_minibatches_and_replay_alike(tiny_stream):
+    flip = RecordingFlip()
+    strategy = small_dgr(solver(), augment=flip, soft_targets=True)
+    watcher = ForwardWatcher(strategy.replay_plugin)
+    strategy.plugins.append(watcher)
+    for experience in tiny_stream.train_stream[:2]:
+        strategy.train(experience)
+    assert len(watcher.steps) > 2
+    for step in watcher.steps:
+        # the solver's forward saw the mirrored batch, later plugins the
+        # original one (a generator trained alongside learns the real data)
+        assert torch.equal(step["forward_input"], step["after"].flip(-1))
+        assert step["output_matches"]
+    replayed = [s for s in watcher.steps if "replay_transformed" in s]
+    assert replayed and len(replayed) < len(watcher.steps)
+    assert all(s["replay_transformed"] and s["labelled_after"] for s in replayed)
+
+
+def test_without_augmentation_the_solver_sees_the_minibatch_as_is(tiny_stream):
+    strategy = small_dgr(solver())
+    watcher = ForwardWatcher(strategy.replay_plugin)
+    watcher.before_backward = lambda strategy, **kwargs: None
+    strategy.plugins.append(watcher)
+    strategy.train(tiny_stream.train_stream[0])
+    assert all(torch.equal(s["forward_input"], s["after"]) for s in watcher.steps)
+
+
 class RecordingTrainer(WGANGPTrainer):
     """Keeps each batch the generator is trained on."""
 
@@ -358,6 +431,7 @@ def test_generator_of_the_wrong_shape_fails_before_training(tiny_stream):
         (dict(importance_ratio=-0.1), "importance_ratio"),
         (dict(replay_mb_size=0), "replay_mb_size"),
         (dict(temperature=0.0), "temperature"),
+        (dict(augment="affine"), "augment"),
     ],
 )
 def test_bad_replay_settings_are_refused(kwargs, message):
