@@ -357,7 +357,7 @@ def test_splitcifar100_gets_the_half_first_experience_option(monkeypatch):
     assert calls[0]["fixed_class_order"] == list(range(100))
 
 
-def test_an_augment_table_becomes_a_per_sample_random_affine(tiny_stream):
+def test_an_augment_table_becomes_a_per_sample_random_affine():
     from kornia.augmentation import RandomAffine
 
     from avl_genreplay.bench.strategies import _with_augmentation

@@ -165,7 +165,6 @@ def _dgr(ctx: StrategyContext, **settings):
 
     kwargs = ctx.template_kwargs()
     settings.setdefault("progress_bar", True)
-    settings = _with_augmentation(settings)
     return DGR(input_shape=ctx.input_shape, **settings, **kwargs)
 
 
@@ -174,7 +173,6 @@ def _ddgr(ctx: StrategyContext, **settings):
 
     kwargs = ctx.template_kwargs()
     settings.setdefault("progress_bar", True)
-    settings = _with_augmentation(settings)
     return DDGR(
         input_shape=ctx.input_shape,
         num_classes=ctx.num_classes,
@@ -188,7 +186,6 @@ def _dgm(ctx: StrategyContext, variant: str, **settings):
 
     kwargs = ctx.template_kwargs()
     settings.setdefault("progress_bar", True)
-    settings = _with_augmentation(settings)
     return DGM(
         input_shape=ctx.input_shape,
         num_classes=ctx.num_classes,
@@ -226,6 +223,6 @@ def build_strategy(name: str, ctx: StrategyContext, settings: Optional[dict] = N
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
     try:
-        return STRATEGIES[name](ctx, **(settings or {}))
+        return STRATEGIES[name](ctx, **_with_augmentation(settings or {}))
     except TypeError as error:
         raise ValueError(f"bad settings for strategy {name!r}: {error}") from None
