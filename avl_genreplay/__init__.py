@@ -5,7 +5,9 @@ their own in any Avalanche template: :class:`SolverReplayPlugin` (generated
 inputs of past experiences replayed to the solver),
 :class:`GeneratorTrainingPlugin` (the generator learns each experience plus
 its own replay) and :class:`ReplayPoolPlugin` (samples generated once per
-experience, for generators too slow to sample at every step).
+experience, for generators too slow to sample at every step). Replay quality
+is measured by Avalanche metrics (:func:`replay_quality_metrics`) against a
+reference classifier (:func:`train_reference_classifier`).
 """
 
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
@@ -19,6 +21,17 @@ from avl_genreplay.generators import (
     MaskedConvGenerator,
     WGANGPTrainer,
 )
+from avl_genreplay.metrics import (
+    GeneratorLossMetric,
+    ReplayClassifierAccuracy,
+    ReplayFrechetDistance,
+    ReplaySampler,
+    ReplaySamplesGrid,
+    find_generator,
+    frechet_distance,
+    replay_quality_metrics,
+)
+from avl_genreplay.reference import ReferenceClassifier, train_reference_classifier
 from avl_genreplay.replay import SolverReplayPlugin
 from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
 from avl_genreplay.strategies import DDGR, DGM, DGR
@@ -39,4 +52,14 @@ __all__ = [
     "MaskedConvGenerator",
     "ACDiscriminator",
     "DGMTrainer",
+    "replay_quality_metrics",
+    "ReplaySampler",
+    "ReplayClassifierAccuracy",
+    "ReplayFrechetDistance",
+    "ReplaySamplesGrid",
+    "GeneratorLossMetric",
+    "find_generator",
+    "frechet_distance",
+    "ReferenceClassifier",
+    "train_reference_classifier",
 ]

@@ -24,6 +24,7 @@ passes them through the reference once per experience (a diffusion model's
 samples are dear). :func:`replay_quality_metrics` builds them all.
 """
 
+import warnings
 from contextlib import contextmanager
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -468,7 +469,8 @@ class GeneratorLossMetric(PluginMetric[Dict[str, float]]):
     (``GeneratorLoss/.../<loss name>``), as the
     :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin` records
     them in ``loss_history`` (with ``schedule="after"``; nothing is emitted
-    for an experience that added no entry).
+    for an experience that added no entry, and, with a warning, nothing
+    without such a plugin).
 
     :param plugin: the generator-training plugin; ``None`` to find it among
         the strategy's plugins.
@@ -478,6 +480,7 @@ class GeneratorLossMetric(PluginMetric[Dict[str, float]]):
         super().__init__()
         self.plugin = plugin
         self._reported = 0
+        self._warned = False
         self._last: Dict[str, float] = {}
 
     def __str__(self):
@@ -489,19 +492,26 @@ class GeneratorLossMetric(PluginMetric[Dict[str, float]]):
     def reset(self) -> None:
         self._last = {}
 
-    def _find_plugin(self, strategy) -> GeneratorTrainingPlugin:
+    def _find_plugin(self, strategy) -> Optional[GeneratorTrainingPlugin]:
         if self.plugin is not None:
             return self.plugin
         for plugin in strategy.plugins:
             if isinstance(plugin, GeneratorTrainingPlugin):
                 return plugin
-        raise ValueError(
-            "GeneratorLossMetric found no GeneratorTrainingPlugin among the "
-            "strategy's plugins; pass plugin=..."
-        )
+        return None
 
     def after_training_exp(self, strategy) -> List[MetricValue]:
-        history = self._find_plugin(strategy).loss_history
+        plugin = self._find_plugin(strategy)
+        if plugin is None:
+            # a metric should not end a run that may have trained for hours
+            if not self._warned:
+                warnings.warn(
+                    "GeneratorLossMetric found no GeneratorTrainingPlugin among "
+                    "the strategy's plugins and reports nothing; pass plugin=..."
+                )
+                self._warned = True
+            return []
+        history = plugin.loss_history
         if len(history) <= self._reported:
             return []
         self._reported = len(history)

@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from avalanche.benchmarks.utils import AvalancheDataset
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -115,24 +116,29 @@ def features_and_logits(reference: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor
 
 
 def _datasets(data: Data) -> list:
-    if isinstance(data, Dataset):
+    if isinstance(data, (Dataset, AvalancheDataset)):
         return [data]
-    items = list(data)
-    # a stream of experiences: their datasets, in order
-    if items and all(hasattr(item, "dataset") for item in items):
-        return [item.dataset for item in items]
-    raise TypeError(
-        "expected a dataset, a stream of experiences or a tuple (inputs, labels), "
-        f"got {type(data).__name__}"
-    )
+    datasets = []
+    for item in data:
+        if isinstance(item, (Dataset, AvalancheDataset)):
+            datasets.append(item)
+        elif hasattr(item, "dataset"):  # an experience of a stream
+            datasets.append(item.dataset)
+        else:
+            raise TypeError(
+                "expected a dataset, a sequence of datasets, a stream of "
+                "experiences or a tuple (inputs, labels), got a sequence of "
+                f"{type(item).__name__}"
+            )
+    return datasets
 
 
 def load_tensors(data: Data, *, batch_size: int = 1024) -> Tuple[Tensor, Tensor]:
     """All inputs and labels of ``data`` as two tensors.
 
-    :param data: a dataset yielding ``(x, y, ...)``, an Avalanche stream (its
-        experiences' datasets are concatenated) or a tuple ``(inputs,
-        labels)``, returned as is. Avalanche datasets are read with their
+    :param data: a dataset yielding ``(x, y, ...)``, a sequence of them or an
+        Avalanche stream (the datasets are concatenated), or a tuple
+        ``(inputs, labels)``, returned as is. Avalanche datasets are read with their
         eval transforms, so random augmentations are left out.
     """
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
@@ -206,7 +212,7 @@ def train_reference_classifier(
     result), so a different subset or seed trains anew. The global random
     state is left as it was.
 
-    :param train_data: a dataset, an Avalanche stream (e.g.
+    :param train_data: a dataset, a sequence of datasets, an Avalanche stream (e.g.
         ``benchmark.train_stream``: all experiences together) or a tuple
         ``(inputs, labels)``; read once into memory, with eval transforms.
     :param test_data: the same kinds; if given, the accuracy on it is
