@@ -26,7 +26,7 @@ samples are dear). :func:`replay_quality_metrics` builds them all.
 
 import warnings
 from contextlib import contextmanager
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from avalanche.evaluation import PluginMetric
@@ -184,7 +184,8 @@ class ReplaySampler:
     :param generator: the generator to judge; ``None`` to find it on the
         strategy (see :func:`find_generator`).
     :param samples_per_class: samples drawn per class seen (an unconditional
-        generator draws as many in all), and real samples kept per class.
+        generator draws that many times the number of classes), and real
+        samples kept per class.
     :param batch_size: the generator's and the reference's batch size.
     :param seed: seed of the sampling and of the choice of real samples.
     """
