@@ -253,6 +253,14 @@ def test_losses_metric_emits_the_generator_plugins_mean_losses(mnist):
         assert values[f"{name}/critic"] == plugin.loss_history[index]["critic"]
 
 
+def test_losses_metric_without_a_generator_plugin_warns_once(mnist):
+    with pytest.warns(UserWarning, match="no GeneratorTrainingPlugin") as caught:
+        history, _ = _run(mnist, [GeneratorLossMetric()])
+    ours = [w for w in caught if "GeneratorTrainingPlugin" in str(w.message)]
+    assert len(ours) == 1  # two experiences, one warning
+    assert not any(name.startswith("GeneratorLoss") for name in history[-1])
+
+
 def test_metrics_leave_the_run_unchanged(mnist, reference, test_data):
     def final_weights(metrics):
         _, strategy = _run(mnist, metrics)
