@@ -138,8 +138,8 @@ def load_tensors(data: Data, *, batch_size: int = 1024) -> Tuple[Tensor, Tensor]
 
     :param data: a dataset yielding ``(x, y, ...)``, a sequence of them or an
         Avalanche stream (the datasets are concatenated), or a tuple
-        ``(inputs, labels)``, returned as is. Avalanche datasets are read with their
-        eval transforms, so random augmentations are left out.
+        ``(inputs, labels)``, returned as is. Avalanche datasets are read with
+        their eval transforms, so random augmentations are left out.
     """
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
         return data[0], torch.as_tensor(data[1]).long()
