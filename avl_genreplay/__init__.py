@@ -8,20 +8,26 @@ its own replay) and :class:`ReplayPoolPlugin` (samples generated once per
 experience, for generators too slow to sample at every step).
 """
 
-from avl_genreplay.generator_training import GeneratorTrainingPlugin
-from avl_genreplay.generators import (
-    ACDiscriminator,
-    ConvCritic,
-    ConvGenerator,
-    DDPMTrainer,
-    DGMTrainer,
-    DiffusionGenerator,
-    MaskedConvGenerator,
-    WGANGPTrainer,
-)
-from avl_genreplay.replay import SolverReplayPlugin
-from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
-from avl_genreplay.strategies import DDGR, DGM, DGR
+import warnings
+
+with warnings.catch_warnings():
+    # Avalanche imports qpsolvers for GEM, which this package never uses; it
+    # warns at import wherever no QP solver is installed
+    warnings.filterwarnings("ignore", message="no QP solver found")
+    from avl_genreplay.generator_training import GeneratorTrainingPlugin
+    from avl_genreplay.generators import (
+        ACDiscriminator,
+        ConvCritic,
+        ConvGenerator,
+        DDPMTrainer,
+        DGMTrainer,
+        DiffusionGenerator,
+        MaskedConvGenerator,
+        WGANGPTrainer,
+    )
+    from avl_genreplay.replay import SolverReplayPlugin
+    from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
+    from avl_genreplay.strategies import DDGR, DGM, DGR
 
 __all__ = [
     "DGR",

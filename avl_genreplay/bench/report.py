@@ -7,14 +7,17 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from avl_genreplay.bench.runner import mean_std
+from avl_genreplay.bench.store import mean_std
 
 __all__ = [
     "markdown_table",
     "sampling_table",
+    "write_markdown",
+    "write_plots",
     "plot_seen_accuracy",
     "plot_accuracy_matrices",
     "replay_grid",
+    "ReplayImageSaver",
 ]
 
 
@@ -74,6 +77,30 @@ def sampling_table(summary: Dict[str, dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     return "\n".join(header + lines) + "\n"
+
+
+def write_markdown(
+    path: Path, title: str, summary: Dict[str, dict], complete: bool
+) -> str:
+    """Writes the results table (and the pool-sampling table, if any) as
+    markdown; returns the results table."""
+    table = markdown_table(summary)
+    heading = f"# {title}"
+    if not complete:
+        heading += " (partial: the run is still going or was cut off)"
+    sampling = sampling_table(summary)
+    if sampling:
+        sampling = (
+            f"\nCost of sampling the replay pools (all experiences):\n\n{sampling}"
+        )
+    path.write_text(f"{heading}\n\n{table}{sampling}")
+    return table
+
+
+def write_plots(summary: Dict[str, dict], stem: Path, title: str) -> None:
+    """``<stem>_accuracy.png`` and ``<stem>_matrices.png``."""
+    plot_seen_accuracy(summary, stem.with_name(f"{stem.name}_accuracy.png"), title)
+    plot_accuracy_matrices(summary, stem.with_name(f"{stem.name}_matrices.png"))
 
 
 def seen_accuracy(matrix: List[List[float]]) -> List[float]:
@@ -198,3 +225,44 @@ def replay_grid(
     high = torch.nan_to_num(images, nan=float("-inf")).amax(dim=(0, 2, 3), keepdim=True)
     images = ((images - low) / (high - low).clamp_min(1e-8)).nan_to_num(0.0)
     return make_grid(images.cpu(), nrow=per_class, padding=1)
+
+
+class ReplayImageSaver:
+    """Saves (and logs to TensorBoard) a grid of replayed samples per past
+    class after each experience of a generative strategy; called as
+    ``saver(strategy, index)``.
+
+    :param folder: where the PNG files go.
+    :param run_name: the files' prefix, e.g. ``dgr_seed0``.
+    :param loggers: the run's loggers; TensorBoard ones get the grid too.
+    :param benchmark: the run's benchmark (for the classes seen so far).
+    """
+
+    def __init__(self, folder: Path, run_name: str, loggers: list, benchmark):
+        from avalanche.logging import TensorboardLogger
+
+        self.folder = folder
+        self.run_name = run_name
+        self.boards = [log for log in loggers if isinstance(log, TensorboardLogger)]
+        self.classes = [
+            list(e.classes_in_this_experience) for e in benchmark.train_stream
+        ]
+
+    def __call__(self, strategy, index: int) -> None:
+        from avalanche.models import MultiTaskModule
+        from torchvision.utils import save_image
+
+        generator = getattr(strategy, "generator", None)
+        if generator is None:
+            return
+        seen = sorted({c for classes in self.classes[: index + 1] for c in classes})
+        labeller = (
+            None if isinstance(strategy.model, MultiTaskModule) else strategy.model
+        )
+        if labeller is not None:
+            labeller.eval()
+        grid = replay_grid(generator, seen, labeller=labeller)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_image(grid, self.folder / f"{self.run_name}_exp{index}.png")
+        for board in self.boards:
+            board.writer.add_image(f"replay/{self.run_name}", grid, index)

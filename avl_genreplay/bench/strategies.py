@@ -4,13 +4,24 @@ Ours (``dgr``, ``dgm_w``, ``dgm_a``, ``ddgr``) come from this package; the basel
 strategies, never re-implemented here.
 """
 
+import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["StrategyContext", "STRATEGIES", "build_solver", "build_strategy"]
+__all__ = [
+    "StrategyContext",
+    "STRATEGIES",
+    "SOLVER_MODELS",
+    "build_solver",
+    "build_strategy",
+    "setting_parameters",
+]
+
+SOLVER_MODELS = ("mlp", "slim_resnet18")
 
 
 @dataclass
@@ -26,6 +37,7 @@ class StrategyContext:
     device: torch.device
     evaluator: object
     plugins: list
+    progress_bar: bool = True
 
     def template_kwargs(self) -> dict:
         return dict(
@@ -51,6 +63,8 @@ def build_solver(
     from avalanche.models import SimpleMLP, SlimResNet18, as_multitask
 
     name = solver.get("model", "mlp")
+    if name not in SOLVER_MODELS:
+        raise ValueError(f"unknown solver model {name!r}; use one of {SOLVER_MODELS}")
     if name == "mlp":
         model = SimpleMLP(
             num_classes=num_classes,
@@ -59,10 +73,8 @@ def build_solver(
             hidden_layers=solver.get("hidden_layers", 2),
             drop_rate=solver.get("drop_rate", 0.0),
         )
-    elif name == "slim_resnet18":
-        model = SlimResNet18(nclasses=num_classes)
     else:
-        raise ValueError(f"unknown solver model {name!r}; use 'mlp' or 'slim_resnet18'")
+        model = SlimResNet18(nclasses=num_classes)
     if scenario == "task":
         model = as_multitask(model, "classifier")
     return model
@@ -160,19 +172,32 @@ def _with_augmentation(settings: dict) -> dict:
     return {**settings, "augment": RandomAffine(**arguments)}
 
 
+def _wraps(strategy_class: str):
+    """Marks a builder that passes its settings on to ``strategy_class``
+    (``"module:Class"``), whose keyword arguments are then its settings."""
+
+    def mark(builder: Callable) -> Callable:
+        builder.wrapped_strategy = strategy_class
+        return builder
+
+    return mark
+
+
+@_wraps("avl_genreplay.strategies:DGR")
 def _dgr(ctx: StrategyContext, **settings):
     from avl_genreplay.strategies import DGR
 
     kwargs = ctx.template_kwargs()
-    settings.setdefault("progress_bar", True)
+    settings.setdefault("progress_bar", ctx.progress_bar)
     return DGR(input_shape=ctx.input_shape, **settings, **kwargs)
 
 
+@_wraps("avl_genreplay.strategies:DDGR")
 def _ddgr(ctx: StrategyContext, **settings):
     from avl_genreplay.strategies import DDGR
 
     kwargs = ctx.template_kwargs()
-    settings.setdefault("progress_bar", True)
+    settings.setdefault("progress_bar", ctx.progress_bar)
     return DDGR(
         input_shape=ctx.input_shape,
         num_classes=ctx.num_classes,
@@ -185,7 +210,7 @@ def _dgm(ctx: StrategyContext, variant: str, **settings):
     from avl_genreplay.strategies import DGM
 
     kwargs = ctx.template_kwargs()
-    settings.setdefault("progress_bar", True)
+    settings.setdefault("progress_bar", ctx.progress_bar)
     return DGM(
         input_shape=ctx.input_shape,
         num_classes=ctx.num_classes,
@@ -195,10 +220,12 @@ def _dgm(ctx: StrategyContext, variant: str, **settings):
     )
 
 
+@_wraps("avl_genreplay.strategies:DGM")
 def _dgm_w(ctx: StrategyContext, **settings):
     return _dgm(ctx, "w", **settings)
 
 
+@_wraps("avl_genreplay.strategies:DGM")
 def _dgm_a(ctx: StrategyContext, **settings):
     return _dgm(ctx, "a", **settings)
 
@@ -226,3 +253,44 @@ def build_strategy(name: str, ctx: StrategyContext, settings: Optional[dict] = N
         return STRATEGIES[name](ctx, **_with_augmentation(settings or {}))
     except TypeError as error:
         raise ValueError(f"bad settings for strategy {name!r}: {error}") from None
+
+
+# what the harness gives every strategy itself, never a config section
+_GIVEN_BY_THE_HARNESS = {
+    "ctx",
+    "model",
+    "optimizer",
+    "criterion",
+    "train_mb_size",
+    "train_epochs",
+    "eval_mb_size",
+    "eval_every",
+    "device",
+    "evaluator",
+    "plugins",
+    "input_shape",
+    "num_classes",
+    "variant",
+    "generator",
+    "generator_trainer",
+}
+
+
+def setting_parameters(name: str) -> Dict[str, inspect.Parameter]:
+    """The settings a config section of strategy ``name`` may hold: the
+    keyword arguments of its builder, or of the strategy class the builder
+    passes them on to, less what the harness gives every strategy."""
+    builder = STRATEGIES[name]
+    target = builder
+    wrapped = getattr(builder, "wrapped_strategy", None)
+    if wrapped is not None:
+        module, attribute = wrapped.split(":")
+        target = getattr(importlib.import_module(module), attribute).__init__
+    return {
+        key: parameter
+        for key, parameter in inspect.signature(target).parameters.items()
+        if key not in _GIVEN_BY_THE_HARNESS
+        and key != "self"
+        and parameter.kind
+        not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
