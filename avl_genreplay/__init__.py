@@ -14,6 +14,7 @@ with warnings.catch_warnings():
     # Avalanche imports qpsolvers for GEM, which this package never uses; it
     # warns at import wherever no QP solver is installed
     warnings.filterwarnings("ignore", message="no QP solver found")
+    from avl_genreplay.augmentation import InputAugmentationPlugin
     from avl_genreplay.generator_training import GeneratorTrainingPlugin
     from avl_genreplay.generators import (
         ACDiscriminator,
@@ -27,6 +28,7 @@ with warnings.catch_warnings():
     )
     from avl_genreplay.replay import SolverReplayPlugin
     from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
+    from avl_genreplay.retained import retained_bytes
     from avl_genreplay.strategies import DDGR, DGM, DGR
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "DGM",
     "DDGR",
     "SolverReplayPlugin",
+    "InputAugmentationPlugin",
+    "retained_bytes",
     "GeneratorTrainingPlugin",
     "ReplayPool",
     "ReplayPoolPlugin",

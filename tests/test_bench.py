@@ -362,12 +362,11 @@ def test_splitcifar100_gets_the_half_first_experience_option(monkeypatch):
 def test_an_augment_table_becomes_a_per_sample_random_affine():
     from kornia.augmentation import RandomAffine
 
-    from avl_genreplay.bench.strategies import _with_augmentation
+    from avl_genreplay.bench.strategies import input_transform
 
     table = {"degrees": 10.0, "translate": [0.1, 0.1], "scale": [0.9, 1.1]}
-    settings = _with_augmentation({"augment": table, "soft_targets": True})
-    augment = settings["augment"]
-    assert isinstance(augment, RandomAffine) and settings["soft_targets"]
+    augment = input_transform(table)
+    assert isinstance(augment, RandomAffine)
     assert table == {"degrees": 10.0, "translate": [0.1, 0.1], "scale": [0.9, 1.1]}
     digit = torch.zeros(1, 1, 12, 12)
     digit[..., 3:9, 5:7] = 1.0
@@ -376,9 +375,9 @@ def test_an_augment_table_becomes_a_per_sample_random_affine():
     # each sample gets its own transformation; the border fills the background
     assert len({tuple(o.flatten().tolist()) for o in out}) == 8
     assert out[..., 0, :].abs().max() < 0.2
-    assert _with_augmentation({"lr": 0.1}) == {"lr": 0.1}
+    assert input_transform(None) is None
     with pytest.raises(ValueError, match="RandomAffine"):
-        _with_augmentation({"augment": 10.0})
+        input_transform(10.0)
 
 
 # --- a bench that never loses a result or an hour -----------------------------
@@ -473,6 +472,10 @@ class _Recorder:
         ('[solver]\ntrain_epochs = "4"\n', "[solver] train_epochs: '4' is"),
         ("[strategies.lfw]\n", "[strategies.lfw]: unknown strategy"),
         ("seed = [0]\n", "seed: not a config key"),
+        ("[strategies.dgm_w]\naugment = { degrees = 10.0 }\n", "a protocol setting"),
+        ("[strategies.ddgr]\nreplay_mb_size = 128\n", "replay_mb_size: a protocol"),
+        ("[strategies.lwf]\ntrain_epochs = 8\n", "train_epochs: a protocol"),
+        ("[protocols.augmented]\naugment = 10\n", "augment: 10 is not of type"),
     ],
 )
 def test_a_config_error_is_one_line_naming_file_and_key_before_training(

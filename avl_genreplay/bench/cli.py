@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {sorted(STRATEGIES)}; default: all in the config",
     )
     bench.add_argument(
+        "--protocol",
+        default="plain",
+        help="the input pipeline every strategy shares: plain (no input "
+        "transformation; the literature's) or one of the config's [protocols.*], "
+        "e.g. augmented",
+    )
+    bench.add_argument(
         "--experiences", type=int, default=None, help="number of experiences"
     )
     bench.add_argument(
@@ -162,7 +169,10 @@ def bench(plan: Plan) -> int:
         store = ResultsStore(plan)
     except StoreError as error:
         raise CLIError(str(error)) from None
-    title = f"{plan.benchmark}, {plan.scenario}-incremental"
+    title = (
+        f"{plan.benchmark}, {plan.scenario}-incremental, "
+        f"{plan.protocol['name']} protocol"
+    )
     markdown = plan.output / f"{plan.stem}.md"
     done = store.finished()
     store.start()

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from avl_genreplay.bench import data
 from avl_genreplay.bench.config import CONFIG_DIR, load_config
 from avl_genreplay.bench.strategies import (
+    PROTOCOL_KEYS,
     SOLVER_MODELS,
     STRATEGIES,
     setting_parameters,
@@ -50,8 +51,11 @@ _SOLVER_KEYS = {
     "train_mb_size": int,
     "train_epochs": int,
 }
+# what a protocol may set besides the solver: the input transformation (a
+# table of Kornia RandomAffine arguments) and replayed samples per solver step
+_PROTOCOL_SETTINGS = {"augment": dict, "replay_mb_size": int}
 _TOP_LEVEL_KEYS = {"run", "experiences", "seeds", "train_subset", "solver"}
-_TOP_LEVEL_KEYS |= {"strategies", "quick"}
+_TOP_LEVEL_KEYS |= {"strategies", "quick", "protocol", "protocols"}
 
 
 class PlanError(ValueError):
@@ -78,6 +82,7 @@ class Plan:
     strategies: List[str]
     seeds: List[int]
     solver: Dict[str, Any]
+    protocol: Dict[str, Any]
     settings: Dict[str, dict]
     train_subset: Optional[int]
     data_root: Optional[Path]
@@ -119,6 +124,7 @@ class Plan:
             "n_experiences": self.n_experiences,
             "train_subset": self.train_subset,
             "solver": self.solver,
+            "protocol": self.protocol,
             "command": self.command,
             "config": self.config_file,
             "device": self.device,
@@ -166,6 +172,8 @@ def _allows(annotation: Any, value: Any) -> bool:
         return isinstance(value, str)
     if origin in (tuple, list, typing.Sequence) or annotation in (tuple, list):
         return isinstance(value, (list, tuple))
+    if annotation is dict:
+        return isinstance(value, dict)
     if origin is not None and getattr(origin, "__name__", "") == "Callable":
         # a table that the harness turns into the callable (e.g. augment)
         return isinstance(value, dict) or callable(value)
@@ -182,6 +190,12 @@ def _setting_problems(name: str, settings: dict, source: str) -> List[str]:
     problems = []
     for key, value in settings.items():
         where = f"{source}: [strategies.{name}] {key}"
+        if key in PROTOCOL_KEYS:
+            problems.append(
+                f"{where}: a protocol setting, the same for every strategy: set it "
+                f"in [solver] or [protocol], not in a strategy's section"
+            )
+            continue
         if key not in parameters:
             known = ", ".join(sorted(parameters)) or "none"
             problems.append(f"{where}: not a setting of {name} (settings: {known})")
@@ -194,17 +208,22 @@ def _setting_problems(name: str, settings: dict, source: str) -> List[str]:
     return problems
 
 
-def _solver_problems(solver: dict, source: str) -> List[str]:
+def _table_problems(table: dict, types: dict, where: str, kind: str) -> List[str]:
+    """Keys of a config table that are not among ``types``, or whose values
+    are not of their type; ``where`` names the table, e.g. ``file: [solver]``."""
     problems = []
-    for key, value in solver.items():
-        where = f"{source}: [solver] {key}"
-        if key not in _SOLVER_KEYS:
-            known = ", ".join(sorted(_SOLVER_KEYS))
-            problems.append(f"{where}: not a solver setting ({known})")
-        elif not _allows(_SOLVER_KEYS[key], value):
-            problems.append(
-                f"{where}: {value!r} is not of type {_SOLVER_KEYS[key].__name__}"
-            )
+    for key, value in table.items():
+        if key not in types:
+            known = ", ".join(sorted(types))
+            problems.append(f"{where} {key}: not a {kind} setting ({known})")
+        elif not _allows(types[key], value):
+            name = types[key].__name__
+            problems.append(f"{where} {key}: {value!r} is not of type {name}")
+    return problems
+
+
+def _solver_problems(solver: dict, source: str) -> List[str]:
+    problems = _table_problems(solver, _SOLVER_KEYS, f"{source}: [solver]", "solver")
     model = solver.get("model", "mlp")
     if isinstance(model, str) and model not in SOLVER_MODELS:
         problems.append(
@@ -215,6 +234,38 @@ def _solver_problems(solver: dict, source: str) -> List[str]:
         if isinstance(solver.get(key), int) and solver[key] < 1:
             problems.append(f"{source}: [solver] {key}: must be >= 1")
     return problems
+
+
+def _protocol(config: dict, name: str, source: str) -> Tuple[dict, List[str]]:
+    """The named protocol (``[protocol]`` updated by ``[protocols.NAME]``) as
+    recorded in results, and the problems found in any of the config's
+    protocols (a typo in one not run now would show in a later command)."""
+    from avl_genreplay.bench.strategies import input_transform
+
+    named = config.get("protocols", {})
+    problems = []
+    if name != "plain" and name not in named:
+        known = ", ".join(sorted({"plain", *named}))
+        problems.append(f"--protocol {name}: not in {source} (protocols: {known})")
+    tables = {}
+    for each in sorted({"plain", *named}):
+        table = {**config.get("protocol", {}), **named.get(each, {})}
+        where = f"{source}: [protocols.{each}]"
+        found = _table_problems(table, _PROTOCOL_SETTINGS, where, "protocol")
+        if not found:
+            try:
+                input_transform(table.get("augment"))
+            except (TypeError, ValueError) as error:
+                found.append(f"{where} augment: {error}")
+        problems += found
+        tables[each] = table
+    table = tables.get(name, {})
+    protocol = {
+        "name": name,
+        "augment": table.get("augment"),
+        "replay_mb_size": table.get("replay_mb_size"),
+    }
+    return protocol, problems
 
 
 def _default_output(benchmark: str) -> Path:
@@ -295,14 +346,15 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         )
     for name in sorted(set(config["strategies"]) - set(STRATEGIES)):
         problems.append(f"{source}: [strategies.{name}]: unknown strategy {name!r}")
-    for name in names:
-        if name in STRATEGIES:
-            settings = config["strategies"].get(name, {})
-            problems += _setting_problems(name, settings, source)
+    # every section, not only those run now: a typo shows in any command
+    for name in sorted(set(config["strategies"]) & set(STRATEGIES)):
+        problems += _setting_problems(name, config["strategies"][name], source)
     solver = dict(config["solver"])
     if args.epochs is not None:
         solver["train_epochs"] = args.epochs
     problems += _solver_problems(solver, source)
+    protocol, protocol_problems = _protocol(config, args.protocol, source)
+    problems += protocol_problems
     n_experiences = (
         args.experiences
         if args.experiences is not None
@@ -343,6 +395,8 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
     if n_experiences != config.get("experiences", 5):
         # another protocol (e.g. one class per experience) gets its own files
         stem += f"_{n_experiences}exp"
+    if args.protocol != "plain":
+        stem += f"_{args.protocol}"
     if args.quick:
         stem += "_quick"
     if args.output is not None:
@@ -384,6 +438,7 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         strategies=names,
         seeds=list(seeds),
         solver=solver,
+        protocol=protocol,
         settings={name: config["strategies"].get(name, {}) for name in names},
         train_subset=subset,
         data_root=root,

@@ -27,23 +27,31 @@ def _pm(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits=
     return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
 
 
+RETAINED_NOTE = (
+    "retained (MB): the most that a strategy kept from one experience to the "
+    "next besides its solver (every network, frozen copy, optimiser state that "
+    "lives on, replay pool and exemplar buffer), measured from its objects "
+    "after each experience (avl_genreplay.retained.retained_bytes)."
+)
+
+
 def markdown_table(summary: Dict[str, dict]) -> str:
     """One row per strategy: accuracy and forgetting (in %), BWT, wall time,
-    peak RAM and generator size, as mean ± std over seeds."""
+    peak RAM and what the strategy retains between experiences, as mean ±
+    std over seeds."""
     lines = [
         "| strategy | final avg acc (%) | avg forgetting (%) | BWT (%) | wall (s) "
-        "| peak RAM (MB) | generator (KB) | seeds |",
+        "| peak RAM (MB) | retained (MB) | seeds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
-        size = s.get("generator_bytes")
         lines.append(
             f"| {name} | {_pm(s['final_avg_acc'], s['final_avg_acc_std'], 100)} "
             f"| {_pm(s['avg_forgetting'], s['avg_forgetting_std'], 100)} "
             f"| {_pm(s['bwt'], s['bwt_std'], 100)} "
             f"| {_pm(s['wall_seconds'], s['wall_seconds_std'], digits=0)} "
             f"| {_pm(s['peak_ram_mb'], s['peak_ram_mb_std'], digits=0)} "
-            f"| {'–' if size is None else f'{size / 1024:.0f}'} "
+            f"| {_pm(s.get('retained_mb'), s.get('retained_mb_std'))} "
             f"| {len(s['seeds'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -93,7 +101,7 @@ def write_markdown(
         sampling = (
             f"\nCost of sampling the replay pools (all experiences):\n\n{sampling}"
         )
-    path.write_text(f"{heading}\n\n{table}{sampling}")
+    path.write_text(f"{heading}\n\n{table}\n{RETAINED_NOTE}\n{sampling}")
     return table
 
 

@@ -37,8 +37,10 @@ from avl_genreplay.bench.strategies import (
     StrategyContext,
     build_solver,
     build_strategy,
+    input_transform,
 )
 from avl_genreplay.checkpoint import maybe_load_checkpoint, save_checkpoint
+from avl_genreplay.retained import retained_bytes
 
 __all__ = [
     "RunSpec",
@@ -71,6 +73,8 @@ class RunSpec:
     loggers: list = field(default_factory=list)
     plugins: list = field(default_factory=list)
     progress_bar: bool = True
+    protocol: dict = field(default_factory=dict)
+    normalization: Optional[tuple] = None
 
 
 def make_evaluator(loggers: list) -> EvaluationPlugin:
@@ -217,6 +221,9 @@ def run_strategy(
         evaluator=evaluator,
         plugins=spec.plugins,
         progress_bar=spec.progress_bar,
+        augment=input_transform(spec.protocol.get("augment")),
+        replay_mb_size=spec.protocol.get("replay_mb_size"),
+        normalization=spec.normalization,
     )
     strategy = build_strategy(spec.strategy, ctx, spec.settings)
     train = [
@@ -232,10 +239,14 @@ def run_strategy(
         )
     start = time.time()
     last = None
+    # the most the strategy kept between experiences (resumed runs: since
+    # the restart)
+    retained = 0
     if spec.strategy == "joint":
         if on_experience is not None:
             on_experience(0, 1)
         strategy.train(train)
+        retained = retained_bytes(strategy)
         last = strategy.eval(test)
         matrix.append(
             [_metric(last, "Top1_Acc_Exp/eval_phase")[j] for j in range(len(test))]
@@ -245,6 +256,7 @@ def run_strategy(
             if on_experience is not None:
                 on_experience(index, len(train))
             strategy.train(train[index])
+            retained = max(retained, retained_bytes(strategy))
             last = strategy.eval(test)
             accuracies = _metric(last, "Top1_Acc_Exp/eval_phase")
             matrix.append([accuracies[j] for j in range(len(test))])
@@ -269,6 +281,7 @@ def run_strategy(
         "accuracy_matrix": matrix,
         "wall_seconds": wall,
         "peak_ram_mb": ram_mb,
+        "retained_mb": retained / 2**20,
         "generator_bytes": module_bytes(generator_of(strategy)),
         "replayed_class_counts": replayed_class_counts(strategy),
         "replay_sampling": replay_sampling(strategy),
@@ -345,6 +358,8 @@ def run_planned(
                 train_subset=plan.train_subset,
                 loggers=loggers,
                 progress_bar=interactive,
+                protocol=plan.protocol,
+                normalization=data.BENCHMARKS[plan.benchmark].normalization,
             ),
             benchmark,
             after_experience=saver,

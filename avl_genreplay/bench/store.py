@@ -33,7 +33,14 @@ __all__ = [
 ]
 
 # what must match for runs of two commands to share one results file
-SETUP_KEYS = ("benchmark", "scenario", "n_experiences", "train_subset", "solver")
+SETUP_KEYS = (
+    "benchmark",
+    "scenario",
+    "n_experiences",
+    "train_subset",
+    "solver",
+    "protocol",
+)
 
 
 class StoreError(ValueError):
@@ -78,8 +85,10 @@ def summarise(runs: List[dict]) -> Dict[str, dict]:
             "bwt",
             "wall_seconds",
             "peak_ram_mb",
+            "retained_mb",
         ):
-            entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in mine])
+            values = [r.get(key) for r in mine]
+            entry[key], entry[f"{key}_std"] = mean_std(values)
         entry["generator_bytes"] = mine[0]["generator_bytes"]
         entry["runs"] = mine
         summary[name] = entry
