@@ -10,37 +10,50 @@ is measured by Avalanche metrics (:func:`replay_quality_metrics`) against a
 reference classifier (:func:`train_reference_classifier`).
 """
 
-from avl_genreplay.generator_training import GeneratorTrainingPlugin
-from avl_genreplay.generators import (
-    ACDiscriminator,
-    ConvCritic,
-    ConvGenerator,
-    DDPMTrainer,
-    DGMTrainer,
-    DiffusionGenerator,
-    MaskedConvGenerator,
-    WGANGPTrainer,
-)
-from avl_genreplay.metrics import (
-    GeneratorLossMetric,
-    ReplayClassifierAccuracy,
-    ReplayFrechetDistance,
-    ReplaySampler,
-    ReplaySamplesGrid,
-    find_generator,
-    frechet_distance,
-    replay_quality_metrics,
-)
-from avl_genreplay.reference import ReferenceClassifier, train_reference_classifier
-from avl_genreplay.replay import SolverReplayPlugin
-from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
-from avl_genreplay.strategies import DDGR, DGM, DGR
+import warnings
+
+with warnings.catch_warnings():
+    # Avalanche imports qpsolvers for GEM, which this package never uses; it
+    # warns at import wherever no QP solver is installed
+    warnings.filterwarnings("ignore", message="no QP solver found")
+    from avl_genreplay.augmentation import InputAugmentationPlugin
+    from avl_genreplay.generator_training import GeneratorTrainingPlugin
+    from avl_genreplay.generators import (
+        ACDiscriminator,
+        ConvCritic,
+        ConvGenerator,
+        DDPMTrainer,
+        DGMTrainer,
+        DiffusionGenerator,
+        MaskedConvGenerator,
+        WGANGPTrainer,
+    )
+    from avl_genreplay.metrics import (
+        GeneratorLossMetric,
+        ReplayClassifierAccuracy,
+        ReplayFrechetDistance,
+        ReplaySampler,
+        ReplaySamplesGrid,
+        find_generator,
+        frechet_distance,
+        replay_quality_metrics,
+    )
+    from avl_genreplay.reference import (
+        ReferenceClassifier,
+        train_reference_classifier,
+    )
+    from avl_genreplay.replay import SolverReplayPlugin
+    from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
+    from avl_genreplay.retained import retained_bytes
+    from avl_genreplay.strategies import DDGR, DGM, DGR
 
 __all__ = [
     "DGR",
     "DGM",
     "DDGR",
     "SolverReplayPlugin",
+    "InputAugmentationPlugin",
+    "retained_bytes",
     "GeneratorTrainingPlugin",
     "ReplayPool",
     "ReplayPoolPlugin",

@@ -9,9 +9,13 @@ stores the RNG states.
 Why wrap them: once a torch (2.x) optimiser has stepped, torch patches its
 class's ``step``, after which ``dill`` no longer finds the class by name and
 tries to pickle it by value, which fails ("Can't pickle sentinel"). Pickling
-classes by reference while checkpointing avoids it; nothing else changes.
+classes by reference while checkpointing avoids it. And Avalanche's RAM
+metrics keep a handle on the process that saved them: in a restarted process
+they would watch a process that is gone, so the restored ones are pointed at
+the current process.
 """
 
+import os
 import warnings
 from contextlib import contextmanager
 from typing import Any, Collection, Optional
@@ -50,6 +54,19 @@ def maybe_load_checkpoint(
     :return: ``(strategy, index of the next experience to train)``.
     """
     with _classes_by_reference():
-        return _avalanche.maybe_load_checkpoint(
+        strategy, start = _avalanche.maybe_load_checkpoint(
             strategy, fname, map_location=map_location, unique_objects=unique_objects
         )
+    _watch_this_process(strategy)
+    return strategy, start
+
+
+def _watch_this_process(strategy) -> None:
+    from avalanche.evaluation.metrics.ram_usage import MaxRAM
+    from psutil import Process
+
+    evaluator = getattr(strategy, "evaluator", None)
+    for metric in getattr(evaluator, "metrics", []):
+        ram = getattr(metric, "_metric", None)
+        if isinstance(ram, MaxRAM):
+            ram._process_handle = Process(os.getpid())

@@ -23,6 +23,8 @@ from avalanche.models.generator import Generator
 from avalanche.models.utils import avalanche_forward
 from torch import Tensor, nn
 
+from avl_genreplay.augmentation import InputAugmentationPlugin
+
 __all__ = [
     "PastClasses",
     "Replay",
@@ -263,8 +265,10 @@ class SolverReplayPlugin(SupervisedPlugin):
         minibatches and to the replayed inputs (before the old solver labels
         them). The solver then learns every class under the same variations,
         which makes up for part of what the generator's samples of a class
-        miss. The generator still trains on the untransformed data. ``None``
-        for no transformation.
+        miss. The minibatch is transformed from the forward pass to the
+        backward pass (see :class:`~avl_genreplay.augmentation.
+        InputAugmentationPlugin`); the generator still trains on the
+        untransformed data. ``None`` for no transformation.
     """
 
     def __init__(
@@ -298,7 +302,9 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.relabel = relabel
         self.balance_classes = balance_classes
         self.augment = augment
-        self._untransformed: Optional[Tensor] = None
+        # the current data takes the transformation the way every strategy's
+        # does (InputAugmentationPlugin); the replay takes it in sample()
+        self._inputs = None if augment is None else InputAugmentationPlugin(augment)
         self.past = PastClasses()
         self.old_solver: Optional[nn.Module] = None
         self.old_generator: Optional[Generator] = None
@@ -358,19 +364,12 @@ class SolverReplayPlugin(SupervisedPlugin):
         return Replay(x, y, tasks, logits)
 
     def before_forward(self, strategy, **kwargs):
-        if self.augment is None:
-            return
-        # only the solver's forward sees the transformed batch: it is put
-        # back after, for plugins that read it later (a generator trained
-        # alongside the solver)
-        self._untransformed = strategy.mbatch[0]
-        with torch.no_grad():
-            strategy.mbatch[0] = self.augment(self._untransformed)
+        if self._inputs is not None:
+            self._inputs.before_forward(strategy)
 
-    def after_forward(self, strategy, **kwargs):
-        if self._untransformed is not None:
-            strategy.mbatch[0] = self._untransformed
-            self._untransformed = None
+    def after_backward(self, strategy, **kwargs):
+        if self._inputs is not None:
+            self._inputs.after_backward(strategy)
 
     def before_backward(self, strategy, **kwargs):
         if self.old_generator is None:

@@ -1,15 +1,18 @@
 """Runs one of the package's benchmark comparisons and writes its results
-beside this script, in ``benchmarks/results/``.
+into the committed results beside this script, ``benchmarks/results/``: the
+one way results get there, on purpose.
 
 Usage (from anywhere)::
 
-    python benchmarks/run_benchmark.py splitmnist          # all strategies, 3 seeds
-    python benchmarks/run_benchmark.py splitfmnist --seeds 0
-    python benchmarks/run_benchmark.py splitmnist --quick  # about two minutes
+    python benchmarks/run_benchmark.py splitmnist --overwrite   # a new table
+    python benchmarks/run_benchmark.py splitfmnist --strategies dgr --update
 
-Any other flag of ``avl-genreplay bench`` passes through (``--help`` lists
-them). The data root comes from ``--data-root`` or ``$AVL_GENREPLAY_DATA``;
-with neither, Avalanche downloads the data.
+An existing results file is replaced only with ``--overwrite``; ``--update``
+replaces the runs of the strategies and seeds run now and keeps the others.
+``--quick`` is refused here (``avl-genreplay bench --quick`` writes its smoke
+comparison under ``runs/``). Any other flag of ``avl-genreplay bench`` passes
+through (``--help`` lists them). The data root comes from ``--data-root`` or
+``$AVL_GENREPLAY_DATA``; with neither, Avalanche downloads the data.
 """
 
 import sys

@@ -256,9 +256,11 @@ class ForwardWatcher(SupervisedPlugin):
     def after_forward(self, strategy, **kwargs):
         model_output = strategy.model(self.steps[-1]["forward_input"])
         self.steps[-1].update(
-            after=strategy.mb_x.clone(),
             output_matches=torch.allclose(strategy.mb_output, model_output),
         )
+
+    def after_backward(self, strategy, **kwargs):
+        self.steps[-1].update(after=strategy.mb_x.clone())
 
     def before_backward(self, strategy, **kwargs):
         plugin = self.replay_plugin
@@ -284,8 +286,9 @@ def test_augmentation_transforms_solver_minibatches_and_replay_alike(tiny_stream
         strategy.train(experience)
     assert len(watcher.steps) > 2
     for step in watcher.steps:
-        # the solver's forward saw the mirrored batch, later plugins the
-        # original one (a generator trained alongside learns the real data)
+        # the solver's forward saw the mirrored batch, plugins after the
+        # backward pass the original one (a generator trained alongside
+        # learns the real data)
         assert torch.equal(step["forward_input"], step["after"].flip(-1))
         assert step["output_matches"]
     replayed = [s for s in watcher.steps if "replay_transformed" in s]

@@ -43,6 +43,8 @@ class BenchmarkSpec:
     num_classes: int
     folder: str
     required_files: Tuple[str, ...]
+    # Avalanche's per-channel input normalisation of the benchmark (mean, std)
+    normalization: Tuple[Tuple[float, ...], Tuple[float, ...]]
 
 
 BENCHMARKS = {
@@ -52,6 +54,7 @@ BENCHMARKS = {
         10,
         "MNIST",
         ("raw/train-images-idx3-ubyte", "raw/t10k-images-idx3-ubyte"),
+        ((0.1307,), (0.3081,)),
     ),
     "splitfmnist": BenchmarkSpec(
         "splitfmnist",
@@ -59,6 +62,7 @@ BENCHMARKS = {
         10,
         "FashionMNIST",
         ("raw/train-images-idx3-ubyte", "raw/t10k-images-idx3-ubyte"),
+        ((0.2860,), (0.3530,)),
     ),
     "splitcifar100": BenchmarkSpec(
         "splitcifar100",
@@ -66,6 +70,7 @@ BENCHMARKS = {
         100,
         "cifar-100-python",
         ("train", "test"),
+        ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     ),
 }
 

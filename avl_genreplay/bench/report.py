@@ -7,14 +7,17 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from avl_genreplay.bench.runner import mean_std
+from avl_genreplay.bench.store import mean_std
 
 __all__ = [
     "markdown_table",
     "sampling_table",
+    "write_markdown",
+    "write_plots",
     "plot_seen_accuracy",
     "plot_accuracy_matrices",
     "replay_grid",
+    "ReplayImageSaver",
 ]
 
 
@@ -24,23 +27,31 @@ def _pm(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits=
     return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
 
 
+RETAINED_NOTE = (
+    "retained (MB): the most that a strategy kept from one experience to the "
+    "next besides its solver (every network, frozen copy, optimiser state that "
+    "lives on, replay pool and exemplar buffer), measured from its objects "
+    "after each experience (avl_genreplay.retained.retained_bytes)."
+)
+
+
 def markdown_table(summary: Dict[str, dict]) -> str:
     """One row per strategy: accuracy and forgetting (in %), BWT, wall time,
-    peak RAM and generator size, as mean ± std over seeds."""
+    peak RAM and what the strategy retains between experiences, as mean ±
+    std over seeds."""
     lines = [
         "| strategy | final avg acc (%) | avg forgetting (%) | BWT (%) | wall (s) "
-        "| peak RAM (MB) | generator (KB) | seeds |",
+        "| peak RAM (MB) | retained (MB) | seeds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
-        size = s.get("generator_bytes")
         lines.append(
             f"| {name} | {_pm(s['final_avg_acc'], s['final_avg_acc_std'], 100)} "
             f"| {_pm(s['avg_forgetting'], s['avg_forgetting_std'], 100)} "
             f"| {_pm(s['bwt'], s['bwt_std'], 100)} "
             f"| {_pm(s['wall_seconds'], s['wall_seconds_std'], digits=0)} "
             f"| {_pm(s['peak_ram_mb'], s['peak_ram_mb_std'], digits=0)} "
-            f"| {'–' if size is None else f'{size / 1024:.0f}'} "
+            f"| {_pm(s.get('retained_mb'), s.get('retained_mb_std'))} "
             f"| {len(s['seeds'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -74,6 +85,30 @@ def sampling_table(summary: Dict[str, dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     return "\n".join(header + lines) + "\n"
+
+
+def write_markdown(
+    path: Path, title: str, summary: Dict[str, dict], complete: bool
+) -> str:
+    """Writes the results table (and the pool-sampling table, if any) as
+    markdown; returns the results table."""
+    table = markdown_table(summary)
+    heading = f"# {title}"
+    if not complete:
+        heading += " (partial: the run is still going or was cut off)"
+    sampling = sampling_table(summary)
+    if sampling:
+        sampling = (
+            f"\nCost of sampling the replay pools (all experiences):\n\n{sampling}"
+        )
+    path.write_text(f"{heading}\n\n{table}\n{RETAINED_NOTE}\n{sampling}")
+    return table
+
+
+def write_plots(summary: Dict[str, dict], stem: Path, title: str) -> None:
+    """``<stem>_accuracy.png`` and ``<stem>_matrices.png``."""
+    plot_seen_accuracy(summary, stem.with_name(f"{stem.name}_accuracy.png"), title)
+    plot_accuracy_matrices(summary, stem.with_name(f"{stem.name}_matrices.png"))
 
 
 def seen_accuracy(matrix: List[List[float]]) -> List[float]:
@@ -198,3 +233,44 @@ def replay_grid(
     high = torch.nan_to_num(images, nan=float("-inf")).amax(dim=(0, 2, 3), keepdim=True)
     images = ((images - low) / (high - low).clamp_min(1e-8)).nan_to_num(0.0)
     return make_grid(images.cpu(), nrow=per_class, padding=1)
+
+
+class ReplayImageSaver:
+    """Saves (and logs to TensorBoard) a grid of replayed samples per past
+    class after each experience of a generative strategy; called as
+    ``saver(strategy, index)``.
+
+    :param folder: where the PNG files go.
+    :param run_name: the files' prefix, e.g. ``dgr_seed0``.
+    :param loggers: the run's loggers; TensorBoard ones get the grid too.
+    :param benchmark: the run's benchmark (for the classes seen so far).
+    """
+
+    def __init__(self, folder: Path, run_name: str, loggers: list, benchmark):
+        from avalanche.logging import TensorboardLogger
+
+        self.folder = folder
+        self.run_name = run_name
+        self.boards = [log for log in loggers if isinstance(log, TensorboardLogger)]
+        self.classes = [
+            list(e.classes_in_this_experience) for e in benchmark.train_stream
+        ]
+
+    def __call__(self, strategy, index: int) -> None:
+        from avalanche.models import MultiTaskModule
+        from torchvision.utils import save_image
+
+        generator = getattr(strategy, "generator", None)
+        if generator is None:
+            return
+        seen = sorted({c for classes in self.classes[: index + 1] for c in classes})
+        labeller = (
+            None if isinstance(strategy.model, MultiTaskModule) else strategy.model
+        )
+        if labeller is not None:
+            labeller.eval()
+        grid = replay_grid(generator, seen, labeller=labeller)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_image(grid, self.folder / f"{self.run_name}_exp{index}.png")
+        for board in self.boards:
+            board.writer.add_image(f"replay/{self.run_name}", grid, index)

@@ -1,18 +1,24 @@
-"""Runs strategies over a benchmark and collects Avalanche's metrics.
+"""Runs a plan: one (strategy, seed) run to one result record, run after run
+or in parallel processes.
 
 Evaluation goes only through Avalanche's ``EvaluationPlugin``: after each
 training experience the whole test stream is evaluated, which gives the
 accuracy matrix ``acc[i][j]`` (accuracy on experience ``j`` after training
-experience ``i``), forgetting and BWT.
+experience ``i``), forgetting and BWT. With resume paths, a run saves its
+strategy (through :mod:`avl_genreplay.checkpoint`) and its rows after each
+experience, and a restarted run continues from the last one saved.
 """
 
 import json
-import math
+import multiprocessing
+import os
 import statistics
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from avalanche.evaluation.metrics import (
@@ -25,24 +31,28 @@ from avalanche.evaluation.metrics import (
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 
+from avl_genreplay.bench import data
+from avl_genreplay.bench.plan import Plan
 from avl_genreplay.bench.strategies import (
-    STRATEGIES,
     StrategyContext,
     build_solver,
     build_strategy,
+    input_transform,
 )
+from avl_genreplay.checkpoint import maybe_load_checkpoint, save_checkpoint
+from avl_genreplay.retained import retained_bytes
 
 __all__ = [
     "RunSpec",
     "make_evaluator",
     "run_strategy",
-    "summarise",
+    "run_planned",
+    "run_plan",
     "generator_of",
     "replayed_class_counts",
     "replay_sampling",
     "generator_growth",
     "module_bytes",
-    "mean_std",
     "peak_ram_mb",
 ]
 
@@ -62,6 +72,9 @@ class RunSpec:
     train_subset: Optional[int] = None
     loggers: list = field(default_factory=list)
     plugins: list = field(default_factory=list)
+    progress_bar: bool = True
+    protocol: dict = field(default_factory=dict)
+    normalization: Optional[tuple] = None
 
 
 def make_evaluator(loggers: list) -> EvaluationPlugin:
@@ -145,16 +158,53 @@ def _stream_metric(results: dict, prefix: str) -> Optional[float]:
     return None
 
 
+def _save_progress(
+    strategy, matrix: List[List[float]], wall: float, paths: Tuple[Path, Path]
+) -> None:
+    """Saves the rows first, then the strategy, each through a temporary
+    file: a kill between the two leaves rows ahead of the checkpoint, which
+    a restart cuts back (rows behind it could not be recovered)."""
+    checkpoint, rows = paths
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    temporary = rows.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps({"accuracy_matrix": matrix, "wall": wall}))
+    os.replace(temporary, rows)
+    temporary = checkpoint.with_suffix(".ckpt.tmp")
+    save_checkpoint(strategy, temporary)
+    os.replace(temporary, checkpoint)
+
+
+def _load_progress(strategy, paths: Tuple[Path, Path], device):
+    """The strategy, rows and wall seconds of an interrupted run, or the
+    strategy unchanged with none."""
+    checkpoint, rows = paths
+    if not (checkpoint.exists() and rows.exists()):
+        return strategy, [], 0.0
+    strategy, done = maybe_load_checkpoint(strategy, checkpoint, map_location=device)
+    saved = json.loads(rows.read_text())
+    matrix = saved["accuracy_matrix"][:done]
+    if len(matrix) < done:  # cannot happen with _save_progress's order
+        raise RuntimeError(f"{rows} holds fewer rows than {checkpoint}")
+    return strategy, matrix, float(saved["wall"])
+
+
 def run_strategy(
     spec: RunSpec,
     benchmark,
     after_experience: Optional[Callable] = None,
+    resume_paths: Optional[Tuple[Path, Path]] = None,
+    on_experience: Optional[Callable[[int, int], None]] = None,
 ) -> dict:
     """Trains one strategy on the benchmark's train stream, evaluating on the
     whole test stream after each experience.
 
     :param after_experience: called as ``f(strategy, index)`` after each
         experience (e.g. to save images of replayed samples).
+    :param resume_paths: ``(checkpoint, rows)`` files: the run saves its
+        state there after each experience and, when they exist, continues
+        from the last experience saved (joint training starts again).
+    :param on_experience: called as ``f(index, count)`` before each
+        experience is trained (progress messages).
     :return: the run's figures (see the keys below).
     """
     RNGManager.set_random_seeds(spec.seed)
@@ -170,33 +220,55 @@ def run_strategy(
         device=spec.device,
         evaluator=evaluator,
         plugins=spec.plugins,
+        progress_bar=spec.progress_bar,
+        augment=input_transform(spec.protocol.get("augment")),
+        replay_mb_size=spec.protocol.get("replay_mb_size"),
+        normalization=spec.normalization,
     )
     strategy = build_strategy(spec.strategy, ctx, spec.settings)
-    from avl_genreplay.bench.data import subsample_experience
-
     train = [
-        subsample_experience(e, spec.train_subset, spec.seed)
+        data.subsample_experience(e, spec.train_subset, spec.seed)
         for e in benchmark.train_stream
     ]
     test = benchmark.test_stream
     matrix: List[List[float]] = []
+    earlier_wall = 0.0
+    if resume_paths is not None and spec.strategy != "joint":
+        strategy, matrix, earlier_wall = _load_progress(
+            strategy, resume_paths, spec.device
+        )
     start = time.time()
+    last = None
+    # the most the strategy kept between experiences (resumed runs: since
+    # the restart)
+    retained = 0
     if spec.strategy == "joint":
+        if on_experience is not None:
+            on_experience(0, 1)
         strategy.train(train)
+        retained = retained_bytes(strategy)
         last = strategy.eval(test)
         matrix.append(
             [_metric(last, "Top1_Acc_Exp/eval_phase")[j] for j in range(len(test))]
         )
     else:
-        for index, experience in enumerate(train):
-            strategy.train(experience)
+        for index in range(len(matrix), len(train)):
+            if on_experience is not None:
+                on_experience(index, len(train))
+            strategy.train(train[index])
+            retained = max(retained, retained_bytes(strategy))
             last = strategy.eval(test)
             accuracies = _metric(last, "Top1_Acc_Exp/eval_phase")
             matrix.append([accuracies[j] for j in range(len(test))])
             if after_experience is not None:
                 after_experience(strategy, index)
-    wall = time.time() - start
-    ram_mb = peak_ram_mb(evaluator.get_all_metrics())
+            if resume_paths is not None:
+                wall = earlier_wall + time.time() - start
+                _save_progress(strategy, matrix, wall, resume_paths)
+        if last is None:  # killed after the last checkpoint, before the record
+            last = strategy.eval(test)
+    wall = earlier_wall + time.time() - start
+    ram_mb = peak_ram_mb(strategy.evaluator.get_all_metrics())
     forgetting = _stream_metric(last, "StreamForgetting/eval_phase")
     bwt = _stream_metric(last, "StreamBWT/eval_phase")
     return {
@@ -209,6 +281,7 @@ def run_strategy(
         "accuracy_matrix": matrix,
         "wall_seconds": wall,
         "peak_ram_mb": ram_mb,
+        "retained_mb": retained / 2**20,
         "generator_bytes": module_bytes(generator_of(strategy)),
         "replayed_class_counts": replayed_class_counts(strategy),
         "replay_sampling": replay_sampling(strategy),
@@ -216,41 +289,160 @@ def run_strategy(
     }
 
 
-def mean_std(values: List[Optional[float]]):
-    """Mean and sample standard deviation of the values that are not ``None``
-    or NaN (``(None, None)`` if none is left)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return None, None
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return statistics.fmean(values), std
+def _loggers(plan: Plan, name: str, seed: int, interactive: bool) -> list:
+    from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
+
+    logs = plan.output / "logs" / plan.stem
+    logs.mkdir(parents=True, exist_ok=True)
+    loggers = [
+        TextLogger(open(logs / f"{name}_seed{seed}.txt", "a")),
+        CSVLogger(str(logs / f"{name}_seed{seed}_csv")),
+    ]
+    if interactive:
+        loggers.insert(0, InteractiveLogger())
+    if plan.tensorboard:
+        from avalanche.logging import TensorboardLogger
+
+        loggers.append(
+            TensorboardLogger(
+                str(plan.output / "tb" / plan.stem / f"{name}_seed{seed}")
+            )
+        )
+    return loggers
 
 
-def summarise(runs: List[dict]) -> Dict[str, dict]:
-    """Mean and standard deviation over seeds, per strategy.
+def run_planned(
+    plan: Plan,
+    name: str,
+    seed: int,
+    resume_paths: Optional[Tuple[Path, Path]] = None,
+    interactive: bool = True,
+) -> dict:
+    """One run of the plan, from its benchmark to its result record (the
+    command and commit added).
 
-    Strategies come in the harness's order (baselines first), whatever order
-    they ran in.
+    :param interactive: Avalanche's interactive logger and progress bars
+        (off for runs in parallel processes, whose bars would interleave).
     """
-    summary: Dict[str, dict] = {}
-    order = list(STRATEGIES)
-    names = dict.fromkeys(r["strategy"] for r in runs)
-    for name in sorted(names, key=lambda n: order.index(n) if n in order else 99):
-        mine = [r for r in runs if r["strategy"] == name]
-        entry = {"seeds": [r["seed"] for r in mine]}
-        for key in (
-            "final_avg_acc",
-            "avg_forgetting",
-            "bwt",
-            "wall_seconds",
-            "peak_ram_mb",
-        ):
-            entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in mine])
-        entry["generator_bytes"] = mine[0]["generator_bytes"]
-        entry["runs"] = mine
-        summary[name] = entry
-    return summary
+    from avl_genreplay.bench.report import ReplayImageSaver
+
+    benchmark = data.make_benchmark(
+        plan.benchmark,
+        scenario=plan.scenario,
+        n_experiences=plan.n_experiences,
+        data_root=plan.data_root,
+        seed=seed,
+        first_experience_half=plan.first_half,
+    )
+    loggers = _loggers(plan, name, seed, interactive)
+    saver = None
+    if plan.images:
+        saver = ReplayImageSaver(
+            plan.output / "replay" / plan.stem, f"{name}_seed{seed}", loggers, benchmark
+        )
+
+    def progress(index: int, count: int) -> None:
+        print(f"== {name}, seed {seed}: experience {index + 1}/{count}", flush=True)
+
+    try:
+        run = run_strategy(
+            RunSpec(
+                strategy=name,
+                seed=seed,
+                solver=plan.solver,
+                settings=plan.settings[name],
+                input_shape=plan.input_shape,
+                num_classes=plan.num_classes,
+                scenario=plan.scenario,
+                device=torch.device(plan.device),
+                train_subset=plan.train_subset,
+                loggers=loggers,
+                progress_bar=interactive,
+                protocol=plan.protocol,
+                normalization=data.BENCHMARKS[plan.benchmark].normalization,
+            ),
+            benchmark,
+            after_experience=saver,
+            resume_paths=resume_paths,
+            on_experience=progress,
+        )
+    finally:
+        for logger in loggers:
+            getattr(logger, "close", lambda: None)()
+    run.update(
+        command=plan.command,
+        commit=code_commit(),
+        torch_threads=torch.get_num_threads(),
+    )
+    return run
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+def code_commit() -> Optional[str]:
+    """The package's git commit (``+dirty`` with uncommitted changes outside
+    ``benchmarks/results``, which earlier runs may have written), or ``None``
+    outside a git checkout, so results say which code made them."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ":/",
+            ":(top,exclude)benchmarks/results",
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def _run_in_worker(plan: Plan, name: str, seed: int, resume_paths) -> dict:
+    """A run in a process of its own (``--jobs``): one torch thread unless
+    the plan sets ``threads``."""
+    warnings.filterwarnings("ignore", message="no QP solver found")
+    torch.set_num_threads(plan.threads or 1)
+    return run_planned(plan, name, seed, resume_paths, interactive=False)
+
+
+def run_plan(
+    plan: Plan,
+    runs: Sequence[Tuple[str, int]],
+    resume_paths: Callable[[str, int], Tuple[Path, Path]],
+) -> Iterator[dict]:
+    """Runs ``runs`` of the plan and yields each record as it finishes: one
+    after the other in this process, or ``plan.jobs`` at a time in as many
+    processes (each run's figures depend on its seed alone, not on the
+    process, so the records are those of a serial run)."""
+    if plan.threads is not None:
+        torch.set_num_threads(plan.threads)
+    if plan.jobs == 1:
+        for name, seed in runs:
+            print(f"== {name}, seed {seed}", flush=True)
+            yield run_planned(plan, name, seed, resume_paths(name, seed))
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=plan.jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_run_in_worker, plan, name, seed, resume_paths(name, seed)): (
+                name,
+                seed,
+            )
+            for name, seed in runs
+        }
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise

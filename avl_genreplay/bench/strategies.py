@@ -1,16 +1,51 @@
-"""Builds each compared strategy from its config section.
+"""Builds each compared strategy from its config section and the protocol.
 
-Ours (``dgr``, ``dgm_w``, ``dgm_a``, ``ddgr``) come from this package; the baselines are Avalanche's own
-strategies, never re-implemented here.
+Ours (``dgr``, ``dgm_w``, ``dgm_a``, ``ddgr``) come from this package; the
+baselines are Avalanche's own strategies, never re-implemented here. What
+every row shares (the protocol: solver, optimiser, epochs, batch, input
+transformation, replayed samples per solver step) comes from the
+:class:`StrategyContext`; a config section holds only what belongs to its
+method.
 """
 
+import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["StrategyContext", "STRATEGIES", "build_solver", "build_strategy"]
+__all__ = [
+    "StrategyContext",
+    "STRATEGIES",
+    "SOLVER_MODELS",
+    "PROTOCOL_KEYS",
+    "input_transform",
+    "build_solver",
+    "build_strategy",
+    "setting_parameters",
+]
+
+SOLVER_MODELS = ("mlp", "slim_resnet18")
+
+# settings that the protocol fixes for every row; a strategy section may not
+# set them (under whichever name its builder takes them)
+PROTOCOL_KEYS = frozenset(
+    {
+        "augment",
+        "replay_mb_size",
+        "replay_size",
+        "batch_size_mem",
+        "train_mb_size",
+        "train_epochs",
+        "eval_mb_size",
+        "lr",
+        "optimizer",
+        "model",
+        "criterion",
+    }
+)
 
 
 @dataclass
@@ -26,8 +61,21 @@ class StrategyContext:
     device: torch.device
     evaluator: object
     plugins: list
+    progress_bar: bool = True
+    augment: Optional[Callable] = None
+    replay_mb_size: Optional[int] = None
+    normalization: Optional[tuple] = None
 
-    def template_kwargs(self) -> dict:
+    def template_kwargs(self, *, augment_inputs: bool = True) -> dict:
+        """The template's arguments; with ``augment_inputs`` (and an input
+        transformation in the protocol) its plugins transform the solver's
+        minibatches. Strategies whose replay plugin transforms them itself,
+        with the replay, pass ``False``."""
+        plugins = list(self.plugins)
+        if augment_inputs and self.augment is not None:
+            from avl_genreplay.augmentation import InputAugmentationPlugin
+
+            plugins.append(InputAugmentationPlugin(self.augment))
         return dict(
             model=self.model,
             optimizer=self.optimizer,
@@ -37,8 +85,12 @@ class StrategyContext:
             eval_mb_size=256,
             device=self.device,
             evaluator=self.evaluator,
-            plugins=list(self.plugins),
+            plugins=plugins,
         )
+
+    def replay_kwargs(self) -> dict:
+        """What the protocol gives this package's replay strategies."""
+        return dict(augment=self.augment, replay_mb_size=self.replay_mb_size)
 
 
 def build_solver(
@@ -51,6 +103,8 @@ def build_solver(
     from avalanche.models import SimpleMLP, SlimResNet18, as_multitask
 
     name = solver.get("model", "mlp")
+    if name not in SOLVER_MODELS:
+        raise ValueError(f"unknown solver model {name!r}; use one of {SOLVER_MODELS}")
     if name == "mlp":
         model = SimpleMLP(
             num_classes=num_classes,
@@ -59,10 +113,8 @@ def build_solver(
             hidden_layers=solver.get("hidden_layers", 2),
             drop_rate=solver.get("drop_rate", 0.0),
         )
-    elif name == "slim_resnet18":
-        model = SlimResNet18(nclasses=num_classes)
     else:
-        raise ValueError(f"unknown solver model {name!r}; use 'mlp' or 'slim_resnet18'")
+        model = SlimResNet18(nclasses=num_classes)
     if scenario == "task":
         model = as_multitask(model, "classifier")
     return model
@@ -93,60 +145,72 @@ def _lwf(ctx: StrategyContext, alpha: float = 1.0, temperature: float = 2.0):
 
 
 def _replay(ctx: StrategyContext, mem_size: int = 1000):
-    from avalanche.training import Replay
+    # Avalanche's Replay strategy is a template with its ReplayPlugin; built
+    # from the two so that the memory batch follows the protocol
+    from avalanche.training import Naive
+    from avalanche.training.plugins import ReplayPlugin
 
-    return Replay(mem_size=mem_size, **ctx.template_kwargs())
+    kwargs = ctx.template_kwargs()
+    replay = ReplayPlugin(
+        mem_size=mem_size,
+        batch_size=ctx.train_mb_size,
+        batch_size_mem=ctx.replay_mb_size,
+    )
+    kwargs["plugins"].insert(0, replay)
+    return Naive(**kwargs)
 
 
 def _joint(ctx: StrategyContext):
     from avalanche.training import JointTraining
 
-    kwargs = ctx.template_kwargs()
-    kwargs.pop("plugins")
-    return JointTraining(**kwargs)
+    return JointTraining(**ctx.template_kwargs())
 
 
-def _gr(
-    ctx: StrategyContext,
-    generator_epochs: int = 2,
-    generator_mb_size: int = 128,
-    generator_lr: float = 0.001,
-    latent_dim: int = 2,
-):
-    # Avalanche's own VAE generative replay; its generator is built here only
-    # so that its shape follows the benchmark (Avalanche's default is 1x28x28).
+def _gr(ctx: StrategyContext):
+    # Avalanche's own VAE generative replay at Avalanche's defaults (MlpVAE
+    # with 2 latent units, Adam lr 0.01 and weight decay 1e-4, the solver's
+    # batch and epochs), replaying the protocol's number of samples; the VAE
+    # is built here for the benchmark's shape and value range
     from avalanche.models import MlpVAE
     from avalanche.training import GenerativeReplay, VAETraining
     from avalanche.training.plugins import GenerativeReplayPlugin
     from avalanche.training.supervised.strategy_wrappers import VAE_loss
 
-    vae = MlpVAE(tuple(ctx.input_shape), nhid=latent_dim, device=ctx.device)
+    from avl_genreplay.generators.vae import DataRangeMlpVAE
+
+    shape = tuple(ctx.input_shape)
+    if ctx.normalization is None:
+        vae = MlpVAE(shape, nhid=2, device=ctx.device)
+    else:
+        vae = DataRangeMlpVAE(
+            shape, normalization=ctx.normalization, nhid=2, device=ctx.device
+        )
     generator_strategy = VAETraining(
         model=vae,
-        optimizer=torch.optim.Adam(
-            vae.parameters(), lr=generator_lr, weight_decay=1e-4
-        ),
+        optimizer=torch.optim.Adam(vae.parameters(), lr=0.01, weight_decay=1e-4),
         criterion=VAE_loss,
-        train_mb_size=generator_mb_size,
-        train_epochs=generator_epochs,
+        train_mb_size=ctx.train_mb_size,
+        train_epochs=ctx.train_epochs,
+        eval_mb_size=256,
         device=ctx.device,
-        plugins=[GenerativeReplayPlugin()],
+        plugins=[GenerativeReplayPlugin(replay_size=ctx.replay_mb_size)],
         evaluator=None,
     )
     strategy = GenerativeReplay(
-        generator_strategy=generator_strategy, **ctx.template_kwargs()
+        generator_strategy=generator_strategy,
+        replay_size=ctx.replay_mb_size,
+        **ctx.template_kwargs(),
     )
     strategy.generator = vae
     return strategy
 
 
-def _with_augmentation(settings: dict) -> dict:
-    """The settings with a config's ``augment`` table (arguments of Kornia's
-    ``RandomAffine``; padding by the border pixels and ``p = 1`` unless set)
-    replaced by that transformation."""
-    spec = settings.get("augment")
-    if spec is None or callable(spec):
-        return settings
+def input_transform(spec: Optional[dict]) -> Optional[Callable]:
+    """The protocol's input transformation: Kornia's ``RandomAffine`` with the
+    arguments of a config's ``augment`` table (padding by the border pixels
+    and ``p = 1`` unless set), ``None`` without one."""
+    if spec is None:
+        return None
     if not isinstance(spec, dict):
         raise ValueError(
             "augment must be a table of RandomAffine arguments, e.g. "
@@ -157,26 +221,40 @@ def _with_augmentation(settings: dict) -> dict:
     arguments = {"padding_mode": "border", "p": 1.0}
     for key, value in spec.items():
         arguments[key] = tuple(value) if isinstance(value, list) else value
-    return {**settings, "augment": RandomAffine(**arguments)}
+    return RandomAffine(**arguments)
 
 
+def _wraps(strategy_class: str):
+    """Marks a builder that passes its settings on to ``strategy_class``
+    (``"module:Class"``), whose keyword arguments are then its settings."""
+
+    def mark(builder: Callable) -> Callable:
+        builder.wrapped_strategy = strategy_class
+        return builder
+
+    return mark
+
+
+@_wraps("avl_genreplay.strategies:DGR")
 def _dgr(ctx: StrategyContext, **settings):
     from avl_genreplay.strategies import DGR
 
-    kwargs = ctx.template_kwargs()
-    settings.setdefault("progress_bar", True)
-    return DGR(input_shape=ctx.input_shape, **settings, **kwargs)
+    kwargs = ctx.template_kwargs(augment_inputs=False)
+    settings.setdefault("progress_bar", ctx.progress_bar)
+    return DGR(input_shape=ctx.input_shape, **settings, **ctx.replay_kwargs(), **kwargs)
 
 
+@_wraps("avl_genreplay.strategies:DDGR")
 def _ddgr(ctx: StrategyContext, **settings):
     from avl_genreplay.strategies import DDGR
 
-    kwargs = ctx.template_kwargs()
-    settings.setdefault("progress_bar", True)
+    kwargs = ctx.template_kwargs(augment_inputs=False)
+    settings.setdefault("progress_bar", ctx.progress_bar)
     return DDGR(
         input_shape=ctx.input_shape,
         num_classes=ctx.num_classes,
         **settings,
+        **ctx.replay_kwargs(),
         **kwargs,
     )
 
@@ -184,21 +262,24 @@ def _ddgr(ctx: StrategyContext, **settings):
 def _dgm(ctx: StrategyContext, variant: str, **settings):
     from avl_genreplay.strategies import DGM
 
-    kwargs = ctx.template_kwargs()
-    settings.setdefault("progress_bar", True)
+    kwargs = ctx.template_kwargs(augment_inputs=False)
+    settings.setdefault("progress_bar", ctx.progress_bar)
     return DGM(
         input_shape=ctx.input_shape,
         num_classes=ctx.num_classes,
         variant=variant,
         **settings,
+        **ctx.replay_kwargs(),
         **kwargs,
     )
 
 
+@_wraps("avl_genreplay.strategies:DGM")
 def _dgm_w(ctx: StrategyContext, **settings):
     return _dgm(ctx, "w", **settings)
 
 
+@_wraps("avl_genreplay.strategies:DGM")
 def _dgm_a(ctx: StrategyContext, **settings):
     return _dgm(ctx, "a", **settings)
 
@@ -223,6 +304,48 @@ def build_strategy(name: str, ctx: StrategyContext, settings: Optional[dict] = N
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
     try:
-        return STRATEGIES[name](ctx, **_with_augmentation(settings or {}))
+        return STRATEGIES[name](ctx, **(settings or {}))
     except TypeError as error:
         raise ValueError(f"bad settings for strategy {name!r}: {error}") from None
+
+
+# what the harness gives every strategy itself, never a config section
+_GIVEN_BY_THE_HARNESS = {
+    "ctx",
+    "model",
+    "optimizer",
+    "criterion",
+    "train_mb_size",
+    "train_epochs",
+    "eval_mb_size",
+    "eval_every",
+    "device",
+    "evaluator",
+    "plugins",
+    "input_shape",
+    "num_classes",
+    "variant",
+    "generator",
+    "generator_trainer",
+}
+_GIVEN_BY_THE_HARNESS |= PROTOCOL_KEYS
+
+
+def setting_parameters(name: str) -> Dict[str, inspect.Parameter]:
+    """The settings a config section of strategy ``name`` may hold: the
+    keyword arguments of its builder, or of the strategy class the builder
+    passes them on to, less what the harness gives every strategy."""
+    builder = STRATEGIES[name]
+    target = builder
+    wrapped = getattr(builder, "wrapped_strategy", None)
+    if wrapped is not None:
+        module, attribute = wrapped.split(":")
+        target = getattr(importlib.import_module(module), attribute).__init__
+    return {
+        key: parameter
+        for key, parameter in inspect.signature(target).parameters.items()
+        if key not in _GIVEN_BY_THE_HARNESS
+        and key != "self"
+        and parameter.kind
+        not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }

@@ -12,6 +12,7 @@ from avl_genreplay.generators.diffusion import (
     DiffusionGenerator,
     SmallUNet,
 )
+from avl_genreplay.generators.vae import DataRangeMlpVAE
 from avl_genreplay.generators.wgan_gp import ConvCritic, ConvGenerator, WGANGPTrainer
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "ACDiscriminator",
     "DGMTrainer",
     "DiscriminatorSolver",
+    "DataRangeMlpVAE",
 ]
