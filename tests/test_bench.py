@@ -138,9 +138,23 @@ def test_cli_writes_results_table_and_plots(data_root, tmp_path, capsys):
         assert entry["final_avg_acc"] == pytest.approx(sum(finals) / 2)
     assert results["strategies"]["dgr"]["generator_bytes"] > 0
     assert results["strategies"]["naive"]["generator_bytes"] is None
+    # replay quality: one value per experience for the generative row alone
+    for run in results["strategies"]["dgr"]["runs"]:
+        quality = run["replay_quality"]
+        assert len(quality["ReplayClassCoverage"]) == 5
+        assert len(quality["ReplayFrechetDistance"]) == 5
+        assert len(quality["GeneratorLoss/critic"]) == 5
+        # after experience 0 the share of classes 0 and 1 is the coverage
+        shares = [quality[f"ReplayClassShare/Class00{c}"][0] for c in (0, 1)]
+        assert quality["ReplayClassCoverage"][0] == pytest.approx(
+            sum(min(share, 0.5) for share in shares)
+        )
+    assert results["strategies"]["naive"]["runs"][0]["replay_quality"] is None
     table = (out / "splitmnist_class_il.md").read_text()
     assert sum(line.startswith("| naive") for line in table.splitlines()) == 1
-    assert sum(line.startswith("| dgr") for line in table.splitlines()) == 1
+    # a row in the results table and one in the replay-quality table
+    assert sum(line.startswith("| dgr |") for line in table.splitlines()) == 2
+    assert "| dgr | coverage |" in table
     for png in [
         out / "splitmnist_class_il_accuracy.png",
         out / "splitmnist_class_il_matrices.png",

@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-images", action="store_true", help="skip images of replayed samples"
     )
+    bench.add_argument(
+        "--no-replay-quality",
+        action="store_true",
+        help="skip the replay-quality metrics of the generative strategies (a "
+        "reference classifier's accuracy on their samples of each past class, "
+        "and the Fréchet distance in its feature space)",
+    )
     kept = bench.add_mutually_exclusive_group()
     kept.add_argument(
         "--update",

@@ -98,6 +98,7 @@ class Plan:
     resume: bool = False
     images: bool = True
     tensorboard: bool = False
+    replay_quality: bool = True
     started: float = field(default_factory=time.time)
 
     @property
@@ -454,4 +455,5 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         resume=args.resume,
         images=not args.no_images,
         tensorboard=args.tensorboard,
+        replay_quality=not args.no_replay_quality,
     )

@@ -12,6 +12,7 @@ from avl_genreplay.bench.store import mean_std
 __all__ = [
     "markdown_table",
     "sampling_table",
+    "replay_quality_table",
     "write_markdown",
     "write_plots",
     "plot_seen_accuracy",
@@ -87,6 +88,55 @@ def sampling_table(summary: Dict[str, dict]) -> str:
     return "\n".join(header + lines) + "\n"
 
 
+REPLAY_QUALITY_NOTE = (
+    "Replay quality, averaged over the experiences whose generator was replayed "
+    "(all but the last): score is a reference classifier's accuracy on samples "
+    "of each requested past class (conditional generators: accuracy) or the "
+    "share of the past classes the samples cover as the reference sees them "
+    "(unconditional: coverage, 1 when every class is equally present); the "
+    "Fréchet distance compares samples and real test images in the reference's "
+    "feature space (not Inception's FID)."
+)
+
+
+def _replayed_mean(series: Optional[list]) -> Optional[float]:
+    """Mean of a per-experience series over all experiences but the last
+    (whose generator nothing replays), or the one value of a single one."""
+    if not series:
+        return None
+    replayed = series[:-1] or series
+    return sum(replayed) / len(replayed)
+
+
+def replay_quality_table(summary: Dict[str, dict]) -> str:
+    """Per strategy with replay-quality metrics: its score (accuracy or
+    coverage, in %) and Fréchet distance, mean ± std over seeds; ``""`` if no
+    strategy has them."""
+    lines = []
+    for name, s in summary.items():
+        qualities = [run.get("replay_quality") for run in s["runs"]]
+        qualities = [q for q in qualities if q]
+        if not qualities:
+            continue
+        kind = "accuracy" if "ReplayClassifierAccuracy" in qualities[0] else "coverage"
+        key = (
+            "ReplayClassifierAccuracy" if kind == "accuracy" else "ReplayClassCoverage"
+        )
+        scores = [_replayed_mean(q.get(key)) for q in qualities]
+        distances = [_replayed_mean(q.get("ReplayFrechetDistance")) for q in qualities]
+        lines.append(
+            f"| {name} | {kind} | {_pm(*mean_std(scores), scale=100)} "
+            f"| {_pm(*mean_std(distances), digits=2)} | {len(qualities)} |"
+        )
+    if not lines:
+        return ""
+    header = [
+        "| strategy | score | replay score (%) | Fréchet distance | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(header + lines) + "\n"
+
+
 def write_markdown(
     path: Path, title: str, summary: Dict[str, dict], complete: bool
 ) -> str:
@@ -101,7 +151,11 @@ def write_markdown(
         sampling = (
             f"\nCost of sampling the replay pools (all experiences):\n\n{sampling}"
         )
-    path.write_text(f"{heading}\n\n{table}\n{RETAINED_NOTE}\n{sampling}")
+    quality = replay_quality_table(summary)
+    if quality:
+        quality = f"\n{REPLAY_QUALITY_NOTE}\n\n{quality}"
+    text = f"{heading}\n\n{table}\n{RETAINED_NOTE}\n{quality}{sampling}"
+    path.write_text(text)
     return table
 
 

@@ -54,6 +54,9 @@ __all__ = [
     "generator_growth",
     "module_bytes",
     "peak_ram_mb",
+    "replay_quality",
+    "reference_classifier",
+    "GENERATIVE",
 ]
 
 
@@ -72,20 +75,100 @@ class RunSpec:
     train_subset: Optional[int] = None
     loggers: list = field(default_factory=list)
     plugins: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
     progress_bar: bool = True
     protocol: dict = field(default_factory=dict)
     normalization: Optional[tuple] = None
 
 
-def make_evaluator(loggers: list) -> EvaluationPlugin:
-    """Accuracy (stream, experience), forgetting, BWT, timing and RAM."""
+# the strategies whose generator the replay-quality metrics judge
+GENERATIVE = ("gr", "dgr", "dgm_w", "dgm_a", "ddgr")
+_REPLAY_QUALITY_PREFIXES = (
+    "ReplayClassifierAccuracy",
+    "ReplayClassCoverage",
+    "ReplayClassShare",
+    "ReplayFrechetDistance",
+    "GeneratorLoss",
+)
+
+
+def make_evaluator(loggers: list, metrics: Sequence = ()) -> EvaluationPlugin:
+    """Accuracy (stream, experience), forgetting, BWT, timing and RAM, and
+    any further ``metrics`` (e.g. replay quality)."""
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
         forgetting_metrics(experience=True, stream=True),
         bwt_metrics(experience=True, stream=True),
         timing_metrics(experience=True),
         ram_usage_metrics(every=1.0, experience=True),
+        *metrics,
         loggers=loggers,
+    )
+
+
+def replay_quality(all_metrics: Dict[str, tuple]) -> Optional[Dict[str, list]]:
+    """The replay-quality metrics of a run, one value per experience, by name
+    without the phase and stream (e.g. ``ReplayClassifierAccuracy``,
+    ``ReplayFrechetDistance/Class003``); ``None`` if none was measured.
+
+    :param all_metrics: ``EvaluationPlugin.get_all_metrics()``.
+    """
+    found = {}
+    for name, (_, values) in all_metrics.items():
+        if name.startswith(_REPLAY_QUALITY_PREFIXES):
+            short = name.replace("/train_phase/train_stream", "")
+            found[short] = [float(v) for v in values]
+    return found or None
+
+
+def _reference_data(plan: Plan):
+    """The training data the reference classifier of the replay-quality
+    metrics learns: the plan's benchmark, subsampled as its runs are (seed 0),
+    so a smoke run trains a small reference."""
+    benchmark = data.make_benchmark(
+        plan.benchmark,
+        scenario="class",
+        n_experiences=plan.n_experiences,
+        data_root=plan.data_root,
+        first_experience_half=plan.first_half,
+    )
+    train = [
+        data.subsample_experience(e, plan.train_subset, 0)
+        for e in benchmark.train_stream
+    ]
+    return train, benchmark.test_stream
+
+
+def reference_classifier(plan: Plan, verbose: bool = True):
+    """The plan's reference classifier for the replay-quality metrics
+    (trained once, then loaded from the package's cache)."""
+    from avl_genreplay.reference import train_reference_classifier
+
+    train, test = _reference_data(plan)
+    return train_reference_classifier(
+        train,
+        test_data=test,
+        num_classes=plan.num_classes,
+        name=f"reference-{plan.benchmark}",
+        device=plan.device,
+        progress_bar=verbose,
+        verbose=verbose,
+    )
+
+
+def _replay_quality_metrics(plan: Plan, name: str, benchmark, interactive: bool):
+    if not plan.replay_quality or name not in GENERATIVE or plan.scenario != "class":
+        return []
+    from avl_genreplay.metrics import replay_quality_metrics
+
+    return replay_quality_metrics(
+        reference_classifier(plan, verbose=interactive),
+        benchmark.test_stream,
+        samples_per_class=100,
+        grid=plan.tensorboard,
+        # Avalanche's GenerativeReplay trains its VAE without this package's
+        # generator-training plugin, whose losses the metric reads
+        losses=name != "gr",
     )
 
 
@@ -209,7 +292,7 @@ def run_strategy(
     """
     RNGManager.set_random_seeds(spec.seed)
     model = build_solver(spec.solver, spec.input_shape, spec.num_classes, spec.scenario)
-    evaluator = make_evaluator(spec.loggers)
+    evaluator = make_evaluator(spec.loggers, spec.metrics)
     ctx = StrategyContext(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=spec.solver.get("lr", 1e-3)),
@@ -268,7 +351,8 @@ def run_strategy(
         if last is None:  # killed after the last checkpoint, before the record
             last = strategy.eval(test)
     wall = earlier_wall + time.time() - start
-    ram_mb = peak_ram_mb(strategy.evaluator.get_all_metrics())
+    all_metrics = strategy.evaluator.get_all_metrics()
+    ram_mb = peak_ram_mb(all_metrics)
     forgetting = _stream_metric(last, "StreamForgetting/eval_phase")
     bwt = _stream_metric(last, "StreamBWT/eval_phase")
     return {
@@ -286,6 +370,7 @@ def run_strategy(
         "replayed_class_counts": replayed_class_counts(strategy),
         "replay_sampling": replay_sampling(strategy),
         "generator_growth": generator_growth(strategy),
+        "replay_quality": replay_quality(all_metrics),
     }
 
 
@@ -357,6 +442,7 @@ def run_planned(
                 device=torch.device(plan.device),
                 train_subset=plan.train_subset,
                 loggers=loggers,
+                metrics=_replay_quality_metrics(plan, name, benchmark, interactive),
                 progress_bar=interactive,
                 protocol=plan.protocol,
                 normalization=data.BENCHMARKS[plan.benchmark].normalization,
@@ -425,6 +511,9 @@ def run_plan(
     process, so the records are those of a serial run)."""
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
+    if plan.replay_quality and any(name in GENERATIVE for name, _ in runs):
+        # trained here once, so that parallel runs load it from the cache
+        reference_classifier(plan)
     if plan.jobs == 1:
         for name, seed in runs:
             print(f"== {name}, seed {seed}", flush=True)
