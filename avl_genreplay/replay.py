@@ -5,7 +5,9 @@ training iteration a loss on a batch of generated inputs of past experiences,
 labelled by a frozen copy of the previous solver (or, for a class-conditional
 generator, by the requested classes). The two losses are weighed by the
 importance ratio ``r``: ``loss = r * loss_current + (1 - r) * loss_replay``
-(Shin et al., 2017). Labels can be hard (the old solver's arg-max) or soft
+(Shin et al., 2017), where ``loss_current`` is the template's criterion on the
+minibatch; terms that other plugins (EWC, LwF, ...) add to the loss keep their
+own weight, whatever the order of the plugins. Labels can be hard (the old solver's arg-max) or soft
 (distillation with a temperature, "DGR+distill" in van de Ven & Tolias, 2019).
 
 The same bookkeeping (which classes each task label has seen, sampling inputs
@@ -246,9 +248,11 @@ class SolverReplayPlugin(SupervisedPlugin):
     :param generator: the generator whose samples are replayed. A frozen copy
         taken before each experience is sampled, so a generator trained
         alongside the solver does not replay its own half-learned samples.
-    :param importance_ratio: ``r``, the weight of the loss on current data;
-        replay gets ``1 - r``. ``None`` (DGR's default) uses ``1 / t`` where
-        ``t`` is the number of experiences seen, current one included.
+    :param importance_ratio: ``r``, the weight of the loss on current data
+        (the template's ``criterion()``); replay gets ``1 - r``. Terms other
+        plugins add to ``strategy.loss`` (e.g. EWC's penalty) are not scaled.
+        ``None`` (DGR's default) uses ``1 / t`` where ``t`` is the number of
+        experiences seen, current one included.
     :param replay_mb_size: replayed samples per iteration; ``None`` for as many
         as the current minibatch holds.
     :param soft_targets: learn the old solver's tempered probabilities
@@ -390,5 +394,10 @@ class SolverReplayPlugin(SupervisedPlugin):
             replay_loss = (weights * per_sample).sum()
         else:
             replay_loss = strategy._criterion(output, replay.y)
+        # the template has already added the current data's criterion to the
+        # loss, at weight 1, and other plugins (EWC, LwF, ...) add their own
+        # terms before or after this one: only add what turns the criterion's
+        # weight into r, so that their terms keep theirs whatever the order
         ratio = self.current_ratio()
-        strategy.loss = ratio * strategy.loss + (1 - ratio) * replay_loss
+        current_loss = strategy.criterion()
+        strategy.loss += (ratio - 1) * current_loss + (1 - ratio) * replay_loss

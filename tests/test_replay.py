@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MlpVAE, SimpleMLP, as_multitask
 from avalanche.training import Naive
-from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin
 
 from avl_genreplay.bench.data import synthetic_benchmark
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
@@ -155,6 +155,95 @@ def test_loss_weighs_current_and_replay_by_the_ratio_in_naive_by_hand(tiny_strea
         replay_loss = F.cross_entropy(model(batch.x), batch.y)
         expected = 0.25 * first["loss"] + 0.75 * replay_loss
         assert torch.allclose(second["loss"], expected, atol=1e-5)
+
+
+def _adds_recorded(plugin_class, **kwargs):
+    """An instance of ``plugin_class`` that records the term its
+    ``before_backward`` adds to the loss at each iteration."""
+
+    class Recorded(plugin_class):
+        def before_backward(self, strategy, **kw):
+            before = strategy.loss.detach().clone()
+            super().before_backward(strategy, **kw)
+            self.added.append(strategy.loss.detach() - before)
+
+    plugin = Recorded(**kwargs)
+    plugin.added = []
+    return plugin
+
+
+class FinalLoss(SupervisedPlugin):
+    """Records, after each backward, the loss and its parts: the criterion on
+    the minibatch and on the replay (the model is not updated yet)."""
+
+    def __init__(self, replay_plugin):
+        super().__init__()
+        self.replay_plugin = replay_plugin
+        self.records = []
+
+    @torch.no_grad()
+    def after_backward(self, strategy, **kwargs):
+        replay = self.replay_plugin.last_replay
+        if replay is None:
+            return
+        self.records.append(
+            dict(
+                loss=strategy.loss.detach().clone(),
+                current=F.cross_entropy(strategy.mb_output, strategy.mb_y),
+                replay=F.cross_entropy(strategy.model(replay.x), replay.y),
+            )
+        )
+
+
+def _replay_with(tiny_stream, other_class, other_kwargs, replay_first):
+    torch.manual_seed(0)
+    model = solver()
+    replay = SolverReplayPlugin(
+        ConvGenerator(SHAPE, channels=8), importance_ratio=0.25, replay_mb_size=6
+    )
+    other = _adds_recorded(other_class, **other_kwargs)
+    final = FinalLoss(replay)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=8,
+        evaluator=quiet(),
+        plugins=([replay, other] if replay_first else [other, replay]) + [final],
+    )
+    for experience in tiny_stream.train_stream[:2]:
+        strategy.train(experience)
+    added = other.added[-len(final.records) :]  # those of the replay iterations
+    return added, final.records
+
+
+@pytest.mark.parametrize(
+    "other_class, other_kwargs",
+    [
+        (EWCPlugin, dict(ewc_lambda=1000.0)),
+        (LwFPlugin, dict(alpha=100.0, temperature=2.0)),
+    ],
+    ids=["EWC", "LwF"],
+)
+def test_other_plugins_terms_are_not_scaled_by_the_ratio(
+    tiny_stream, other_class, other_kwargs
+):
+    """With EWC or LwF beside replay, in either order, the loss is
+    ``r * loss(current) + (1 - r) * loss(replay) + their term``; rescaling
+    the whole loss (``r * strategy.loss``) would halve their term when they
+    come first, and the two orders would train differently."""
+    runs = [
+        _replay_with(tiny_stream, other_class, other_kwargs, replay_first)
+        for replay_first in (True, False)
+    ]
+    for added, records in runs:
+        assert len(records) > 1
+        # the other plugin's term is large enough to tell a scaled one apart
+        assert max(term.item() for term in added) > 0.01
+        for term, record in zip(added, records):
+            expected = 0.25 * record["current"] + 0.75 * record["replay"] + term
+            assert torch.allclose(record["loss"], expected, atol=1e-5)
+    first, second = ([record["loss"] for record in run[1]] for run in runs)
+    assert torch.allclose(torch.stack(first), torch.stack(second), atol=1e-4)
 
 
 def test_default_ratio_is_the_share_of_the_current_task(tiny_stream):
