@@ -17,7 +17,11 @@ with warnings.catch_warnings():
     # warns at import wherever no QP solver is installed
     warnings.filterwarnings("ignore", message="no QP solver found")
     from avl_genreplay.augmentation import InputAugmentationPlugin
-    from avl_genreplay.generator_training import GeneratorTrainingPlugin
+    from avl_genreplay.generator_training import (
+        GeneratorTrainingError,
+        GeneratorTrainingPlugin,
+        TrainingGuard,
+    )
     from avl_genreplay.generators import (
         ACDiscriminator,
         ConvCritic,
@@ -55,6 +59,8 @@ __all__ = [
     "InputAugmentationPlugin",
     "retained_bytes",
     "GeneratorTrainingPlugin",
+    "TrainingGuard",
+    "GeneratorTrainingError",
     "ReplayPool",
     "ReplayPoolPlugin",
     "ConvGenerator",

@@ -11,7 +11,7 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin
 
 from avl_genreplay.bench.data import synthetic_benchmark
-from avl_genreplay.generator_training import GeneratorTrainingPlugin
+from avl_genreplay.generator_training import GeneratorTrainingPlugin, TrainingGuard
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
 from avl_genreplay.replay import (
     SolverReplayPlugin,
@@ -539,6 +539,17 @@ def test_bad_replay_settings_are_refused(kwargs, message):
         (dict(schedule="before"), "schedule"),
         (dict(train_iterations=0), "train_iterations"),
         (dict(train_epochs=0), "train_epochs"),
+    ],
+)
+def test_bad_generator_training_settings_are_refused(kwargs, message):
+    trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8))
+    with pytest.raises(ValueError, match=message):
+        GeneratorTrainingPlugin(trainer, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
         (dict(check_every=0), "check_every"),
         (dict(check_samples=1), "check_samples"),
         (dict(max_retries=-1), "max_retries"),
@@ -546,10 +557,9 @@ def test_bad_replay_settings_are_refused(kwargs, message):
         (dict(lr_decay=1.5), "lr_decay"),
     ],
 )
-def test_bad_generator_training_settings_are_refused(kwargs, message):
-    trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8))
+def test_bad_guard_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GeneratorTrainingPlugin(trainer, **kwargs)
+        TrainingGuard(**kwargs)
 
 
 def test_class_balancing_gives_every_replayed_label_the_same_weight():
