@@ -28,6 +28,7 @@ from avl_genreplay.replay import (
     experience_classes,
     experience_task_label,
     frozen_copy,
+    is_conditional,
     sample_past_inputs,
 )
 
@@ -200,7 +201,7 @@ class TrainingGuard:
         solver = self._solver
         if (
             not final
-            or generator.is_conditional
+            or is_conditional(generator)
             or len(self._classes) < 2
             or isinstance(solver, MultiTaskModule)
         ):
@@ -346,7 +347,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
 
     def after_training_iteration(self, strategy, **kwargs):
         if self.schedule == "alongside":
-            real_y = strategy.mb_y if self.generator.is_conditional else None
+            real_y = strategy.mb_y if is_conditional(self.generator) else None
             self._train_step(strategy.mb_x, real_y, strategy.device)
 
     def after_training_exp(self, strategy, **kwargs):
@@ -441,18 +442,21 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         n_replay: Optional[int] = None,
     ) -> Dict[str, float]:
         """One trainer step on real data mixed with the old generator's replay."""
-        if len(real_x):
-            self.generator.calibrate_range(real_x)
+        # only this package's generators learn the data's value range
+        calibrate_range = getattr(self.generator, "calibrate_range", None)
+        if calibrate_range is not None and len(real_x):
+            calibrate_range(real_x)
         if n_replay is None:
             share = self.current_replay_share()
             n_replay = round(len(real_x) * share / max(1 - share, 1e-8))
         x, y = real_x, real_y
+        conditional = is_conditional(self.generator)
         if self.old_generator is not None and n_replay > 0:
             with torch.no_grad():
                 replay_x, conditions, _ = sample_past_inputs(
                     self.old_generator, n_replay, self.past, device
                 )
             x = torch.cat([real_x, replay_x])
-            if self.generator.is_conditional:
+            if conditional:
                 y = torch.cat([real_y, conditions])
-        return self.trainer.train_step(x, y if self.generator.is_conditional else None)
+        return self.trainer.train_step(x, y if conditional else None)

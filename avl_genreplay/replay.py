@@ -32,6 +32,7 @@ __all__ = [
     "Replay",
     "SolverReplayPlugin",
     "frozen_copy",
+    "is_conditional",
     "experience_classes",
     "experience_task_label",
     "check_generator_shape",
@@ -53,6 +54,17 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     for parameter in copy.parameters():
         parameter.requires_grad_(False)
     return copy
+
+
+def is_conditional(generator: Generator) -> bool:
+    """Whether the generator's ``generate`` takes class labels as condition:
+    its ``is_conditional`` where it has one (this package's generators), else
+    whether it has a number of classes (e.g. Avalanche's ``MlpVAE`` has none,
+    a :class:`~avl_genreplay.replay_pool.ReplayPool` has one)."""
+    conditional = getattr(generator, "is_conditional", None)
+    if conditional is None:
+        return getattr(generator, "num_classes", None) is not None
+    return bool(conditional)
 
 
 def experience_classes(experience) -> List[int]:
@@ -94,7 +106,7 @@ def check_generator_shape(generator: Generator, experience) -> None:
         training = generator.training
         generator.eval()
         with torch.no_grad():
-            if getattr(generator, "num_classes", None) is not None:
+            if is_conditional(generator):
                 samples = generator.generate(2, torch.zeros(2, dtype=torch.long))
             else:  # e.g. Avalanche's MlpVAE, whose generate takes no condition
                 samples = generator.generate(2)
@@ -223,7 +235,7 @@ def sample_past_inputs(
 
     :return: ``(x, conditions or None, task_labels)``.
     """
-    if getattr(generator, "num_classes", None) is not None:
+    if is_conditional(generator):
         pairs = past.task_class_pairs()
         picks = _balanced(range(len(pairs)), n, device)
         conditions = torch.tensor([pairs[i][1] for i in picks.tolist()], device=device)
