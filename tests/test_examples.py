@@ -8,6 +8,7 @@ import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.models import MlpVAE, SimpleMLP
 from avalanche.training import Naive
+from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.plugins import EvaluationPlugin
 
 from avl_genreplay import GeneratorTrainingPlugin, SolverReplayPlugin
@@ -32,7 +33,16 @@ def _load(name):
         ("vae_splitmnist", []),
     ],
 )
-def test_example_trains_and_evaluates(example, own_arguments, data_root):
+def test_example_trains_and_evaluates(example, own_arguments, data_root, monkeypatch):
+    trained = []  # the classes and size of each experience the strategy trains on
+    train = SupervisedTemplate.train
+
+    def recording_train(strategy, experiences, *args, **kwargs):
+        targets = list(experiences.dataset.targets)
+        trained.append((sorted(set(targets)), len(targets)))
+        return train(strategy, experiences, *args, **kwargs)
+
+    monkeypatch.setattr(SupervisedTemplate, "train", recording_train)
     results = _load(example).main(
         [
             "--data-root",
@@ -48,6 +58,8 @@ def test_example_trains_and_evaluates(example, own_arguments, data_root):
     )
     accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
     assert 0.0 < accuracy <= 1.0
+    # a random subset of each experience: both its classes, not the first one's
+    assert trained == [([0, 1], 256), ([2, 3], 256)]
 
 
 def _class_il_run(benchmark, *, replay: bool) -> float:
