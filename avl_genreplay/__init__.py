@@ -46,7 +46,7 @@ with warnings.catch_warnings():
         ReferenceClassifier,
         train_reference_classifier,
     )
-    from avl_genreplay.replay import SolverReplayPlugin
+    from avl_genreplay.replay import SolverReplayPlugin, UntrainedGeneratorWarning
     from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
     from avl_genreplay.retained import retained_bytes
     from avl_genreplay.strategies import DDGR, DGM, DGR
@@ -56,6 +56,7 @@ __all__ = [
     "DGM",
     "DDGR",
     "SolverReplayPlugin",
+    "UntrainedGeneratorWarning",
     "InputAugmentationPlugin",
     "retained_bytes",
     "GeneratorTrainingPlugin",

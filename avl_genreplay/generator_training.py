@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from avl_genreplay.generators.base import GeneratorTrainer
 from avl_genreplay.replay import (
+    LearningCheck,
     PastClasses,
     check_generator_classes,
     check_generator_shape,
@@ -319,6 +320,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         self.old_generator = None
         self.experience_index = 0
         self.loss_history: List[Dict[str, float]] = []
+        self.learning_check = LearningCheck(type(self).__name__)
         # a factory, as Avalanche's evaluator: no guard shared by two plugins
         self.guard: Optional[TrainingGuard] = guard() if callable(guard) else guard
 
@@ -336,6 +338,11 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         self.generator.to(strategy.device)
+        # a replay pool is falsy while empty: test for None
+        replay_source = (
+            self.generator if self.replay_generator is None else self.replay_generator
+        )
+        self.learning_check.before_experience(replay_source, bool(self.past))
         if not self.past:
             self.old_generator = None
         elif self.replay_generator is not None:

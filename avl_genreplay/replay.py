@@ -14,9 +14,10 @@ The same bookkeeping (which classes each task label has seen, sampling inputs
 of past classes) serves the generator-training plugins, so it lives here too.
 """
 
+import warnings
 from collections import Counter
 from copy import deepcopy
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ __all__ = [
     "PastClasses",
     "Replay",
     "SolverReplayPlugin",
+    "UntrainedGeneratorWarning",
+    "LearningCheck",
+    "parameter_fingerprint",
     "frozen_copy",
     "is_conditional",
     "experience_classes",
@@ -135,6 +139,65 @@ def check_generator_classes(generator: Generator, experience) -> None:
             f"that the conditional generator does not know (it has "
             f"{num_classes} classes, 0..{num_classes - 1})"
         )
+
+
+class UntrainedGeneratorWarning(UserWarning):
+    """Replay is drawn from a generator that has not learned any experience."""
+
+
+@torch.no_grad()
+def parameter_fingerprint(generator: Generator) -> Optional[Tuple[float, ...]]:
+    """The sum and the sum of squares of each of the generator's parameters,
+    which any training step changes; ``None`` for a generator without
+    parameters (e.g. a :class:`~avl_genreplay.replay_pool.ReplayPool`)."""
+    if not isinstance(generator, nn.Module):
+        return None
+    sums = []
+    for parameter in generator.parameters():
+        values = parameter.detach().double()
+        sums += [values.sum().item(), values.square().sum().item()]
+    return tuple(sums) or None
+
+
+class LearningCheck:
+    """Warns, once, when a plugin draws replay from a generator whose
+    parameters have not changed since the plugin's first experience: one that
+    learned nothing replays noise (e.g. replay without any generator
+    training, Avalanche issue #1138).
+
+    Generators without parameters are not checked: a
+    :class:`~avl_genreplay.replay_pool.ReplayPool` is filled by a plugin that
+    checks its own generator. A generator trained before the run and frozen
+    since also warns; silence it with ``warnings.filterwarnings("ignore",
+    category=UntrainedGeneratorWarning)``.
+
+    :param plugin_name: the plugin named in the warning.
+    """
+
+    def __init__(self, plugin_name: str):
+        self.plugin_name = plugin_name
+        self.start: Optional[Tuple[float, ...]] = None
+        self.warned = False
+
+    def before_experience(self, generator: Generator, replaying: bool) -> None:
+        """Call before each experience, ``replaying`` from the first one whose
+        replay comes from ``generator``."""
+        if not replaying:
+            if self.start is None:
+                self.start = parameter_fingerprint(generator)
+            return
+        if self.warned or self.start is None:
+            return
+        if parameter_fingerprint(generator) == self.start:
+            self.warned = True
+            warnings.warn(
+                f"{self.plugin_name} replays samples of a "
+                f"{type(generator).__name__} whose parameters have not changed "
+                f"since the first experience: it has learned nothing, so its "
+                f"samples are noise. Train it, e.g. with GeneratorTrainingPlugin.",
+                UntrainedGeneratorWarning,
+                stacklevel=2,
+            )
 
 
 class PastClasses:
@@ -329,6 +392,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         # generator still covers (a collapsed one replays few classes)
         self.replayed_class_counts: List[Dict[int, int]] = []
         self._counts: Counter = Counter()
+        self.learning_check = LearningCheck(type(self).__name__)
 
     def current_ratio(self) -> float:
         """The weight of the current data's loss for the experience at hand."""
@@ -342,6 +406,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         check_generator_classes(self.generator, strategy.experience)
 
     def before_training_exp(self, strategy, **kwargs):
+        self.learning_check.before_experience(self.generator, bool(self.past))
         if self.past:
             self.old_solver = frozen_copy(strategy.model)
             self.old_generator = frozen_copy(self.generator)

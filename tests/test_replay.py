@@ -1,5 +1,6 @@
 """The method-agnostic solver replay plugin and the generator-training plugin."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -15,10 +16,12 @@ from avl_genreplay.generator_training import GeneratorTrainingPlugin, TrainingGu
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
 from avl_genreplay.replay import (
     SolverReplayPlugin,
+    UntrainedGeneratorWarning,
     experience_classes,
     experience_task_label,
 )
-from avl_genreplay.strategies import DGR
+from avl_genreplay.generators.diffusion import DiffusionGenerator
+from avl_genreplay.strategies import DDGR, DGM, DGR
 
 SHAPE = (1, 12, 12)
 
@@ -244,6 +247,63 @@ def test_other_plugins_terms_are_not_scaled_by_the_ratio(
             assert torch.allclose(record["loss"], expected, atol=1e-5)
     first, second = ([record["loss"] for record in run[1]] for run in runs)
     assert torch.allclose(torch.stack(first), torch.stack(second), atol=1e-4)
+
+
+def _untrained_generator_warnings(strategy, experiences):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for experience in experiences:
+            strategy.train(experience)
+    return [w for w in caught if issubclass(w.category, UntrainedGeneratorWarning)]
+
+
+def test_replay_from_a_generator_that_never_learned_warns_once(tiny_stream):
+    """Avalanche issue #1138: replay without generator training is noise."""
+    model = solver()
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_mb_size=16,
+        evaluator=quiet(),
+        plugins=[SolverReplayPlugin(MlpVAE(SHAPE, nhid=4))],
+    )
+    caught = _untrained_generator_warnings(strategy, tiny_stream.train_stream)
+    assert len(caught) == 1  # at the second experience, not again at the third
+    assert "SolverReplayPlugin replays samples of a MlpVAE" in str(caught[0].message)
+
+
+def _strategy_of(name):
+    model = solver()
+    common = dict(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        generator_iterations=2,
+        progress_bar=False,
+        train_mb_size=16,
+        evaluator=quiet(),
+    )
+    if name == "DGR":
+        # one critic step per generator step: the generator learns in 2 steps
+        generator = ConvGenerator(SHAPE, channels=8)
+        return DGR(generator=generator, critic_steps=1, **common)
+    if name == "DGM":
+        return DGM(
+            input_shape=SHAPE,
+            num_classes=6,
+            generator_channels=(8, 4),
+            discriminator_channels=8,
+            **common,
+        )
+    diffusion = DiffusionGenerator(SHAPE, 6, base_channels=8, sampling_steps=2)
+    return DDGR(generator=diffusion, samples_per_class=2, **common)
+
+
+@pytest.mark.parametrize("name", ["DGR", "DGM", "DDGR"])
+def test_no_untrained_generator_warning_when_the_generator_learns(tiny_stream, name):
+    """The generators (and DDGR's replay pool, filled from a diffusion model
+    that learned) change between experiences: no false alarm."""
+    strategy = _strategy_of(name)
+    assert not _untrained_generator_warnings(strategy, tiny_stream.train_stream)
 
 
 def test_default_ratio_is_the_share_of_the_current_task(tiny_stream):
