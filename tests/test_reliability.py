@@ -189,13 +189,12 @@ class NaNAt(WGANGPTrainer):
         return losses
 
 
-def _naive_with(trainer, stream, experiences=1, train_iterations=10, **guard_kwargs):
+def _naive_with(
+    trainer, stream, experiences=1, train_iterations=10, guard=TrainingGuard
+):
     model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
     plugin = GeneratorTrainingPlugin(
-        trainer,
-        train_iterations=train_iterations,
-        guard=TrainingGuard(**guard_kwargs),
-        progress_bar=False,
+        trainer, train_iterations=train_iterations, guard=guard, progress_bar=False
     )
     strategy = Naive(
         model=model,
@@ -213,7 +212,10 @@ def test_a_nan_generator_is_rolled_back_with_a_lower_learning_rate(tiny_stream):
     generator = ConvGenerator(SHAPE, channels=8)
     trainer = NaNAt(generator, at=[7], lr=1e-3, critic_steps=1)
     plugin = _naive_with(
-        trainer, tiny_stream, train_iterations=10, check_every=5, max_class_share=1.0
+        trainer,
+        tiny_stream,
+        train_iterations=10,
+        guard=TrainingGuard(check_every=5, max_class_share=1.0),
     )
     assert len(plugin.guard.rollbacks) == 1
     rollback = plugin.guard.rollbacks[0]
@@ -231,7 +233,12 @@ def test_generator_training_stops_with_a_clear_error_after_the_retries(tiny_stre
     with pytest.raises(
         GeneratorTrainingError, match=r"experience 0, step 1: .*2 times"
     ):
-        _naive_with(trainer, tiny_stream, train_iterations=10, max_retries=2)
+        _naive_with(
+            trainer,
+            tiny_stream,
+            train_iterations=10,
+            guard=TrainingGuard(max_retries=2),
+        )
 
 
 class Collapsing(WGANGPTrainer):
@@ -247,7 +254,9 @@ class Collapsing(WGANGPTrainer):
 def test_samples_of_near_zero_variance_are_a_collapse(tiny_stream):
     trainer = Collapsing(ConvGenerator(SHAPE, channels=8), critic_steps=1)
     with pytest.raises(GeneratorTrainingError, match="near-zero variance"):
-        _naive_with(trainer, tiny_stream, train_iterations=6, check_every=2)
+        _naive_with(
+            trainer, tiny_stream, train_iterations=6, guard=TrainingGuard(check_every=2)
+        )
 
 
 def test_samples_all_put_in_one_class_are_a_collapse(tiny_stream):
@@ -273,16 +282,7 @@ def test_samples_all_put_in_one_class_are_a_collapse(tiny_stream):
 
 def test_without_a_guard_a_nan_generator_trains_on(tiny_stream):
     trainer = NaNAt(ConvGenerator(SHAPE, channels=8), at=range(1, 100), critic_steps=1)
-    plugin = GeneratorTrainingPlugin(
-        trainer, train_iterations=6, guard=None, progress_bar=False
-    )
-    strategy = Naive(
-        model=_mlp(),
-        optimizer=torch.optim.SGD(_mlp().parameters(), lr=0.01),
-        evaluator=EvaluationPlugin(loggers=[]),
-        plugins=[plugin],
-    )
-    strategy.train(tiny_stream.train_stream[0])
+    _naive_with(trainer, tiny_stream, train_iterations=6, guard=None)
     assert trainer.calls == 6  # no rollback, no error
 
 
@@ -312,17 +312,8 @@ class _Watching(TrainingGuard):
 def test_a_guard_of_ones_own_replaces_the_default(tiny_stream):
     trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8), critic_steps=1)
     guard = _Watching()
-    plugin = GeneratorTrainingPlugin(
-        trainer, train_iterations=4, guard=guard, progress_bar=False
-    )
+    plugin = _naive_with(trainer, tiny_stream, train_iterations=4, guard=guard)
     assert plugin.guard is guard
-    strategy = Naive(
-        model=_mlp(),
-        optimizer=torch.optim.SGD(_mlp().parameters(), lr=0.01),
-        evaluator=EvaluationPlugin(loggers=[]),
-        plugins=[plugin],
-    )
-    strategy.train(tiny_stream.train_stream[0])
     steps = [("step", s) for s in (1, 2, 3, 3, 4)]  # resumed after step 2
     assert guard.calls == [("start", 0, 4), *steps, ("end",)]
 
