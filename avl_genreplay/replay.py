@@ -7,8 +7,9 @@ generator, by the requested classes). The two losses are weighed by the
 importance ratio ``r``: ``loss = r * loss_current + (1 - r) * loss_replay``
 (Shin et al., 2017), where ``loss_current`` is the template's criterion on the
 minibatch; terms that other plugins (EWC, LwF, ...) add to the loss keep their
-own weight, whatever the order of the plugins. Labels can be hard (the old solver's arg-max) or soft
-(distillation with a temperature, "DGR+distill" in van de Ven & Tolias, 2019).
+own weight, whatever the order of the plugins. Labels can be hard (the old
+solver's arg-max) or soft (distillation with a temperature, "DGR+distill" in
+van de Ven & Tolias, 2019).
 
 The same bookkeeping (which classes each task label has seen, sampling inputs
 of past classes) serves the generator-training plugins, so it lives here too.
