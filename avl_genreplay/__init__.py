@@ -17,7 +17,11 @@ with warnings.catch_warnings():
     # warns at import wherever no QP solver is installed
     warnings.filterwarnings("ignore", message="no QP solver found")
     from avl_genreplay.augmentation import InputAugmentationPlugin
-    from avl_genreplay.generator_training import GeneratorTrainingPlugin
+    from avl_genreplay.generator_training import (
+        GeneratorTrainingError,
+        GeneratorTrainingPlugin,
+        TrainingGuard,
+    )
     from avl_genreplay.generators import (
         ACDiscriminator,
         ConvCritic,
@@ -42,7 +46,7 @@ with warnings.catch_warnings():
         ReferenceClassifier,
         train_reference_classifier,
     )
-    from avl_genreplay.replay import SolverReplayPlugin
+    from avl_genreplay.replay import SolverReplayPlugin, UntrainedGeneratorWarning
     from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
     from avl_genreplay.retained import retained_bytes
     from avl_genreplay.strategies import DDGR, DGM, DGR
@@ -52,9 +56,12 @@ __all__ = [
     "DGM",
     "DDGR",
     "SolverReplayPlugin",
+    "UntrainedGeneratorWarning",
     "InputAugmentationPlugin",
     "retained_bytes",
     "GeneratorTrainingPlugin",
+    "TrainingGuard",
+    "GeneratorTrainingError",
     "ReplayPool",
     "ReplayPoolPlugin",
     "ConvGenerator",

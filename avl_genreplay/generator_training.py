@@ -10,27 +10,30 @@ generator step per solver iteration.
 
 import math
 from copy import deepcopy
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 from avalanche.models.generator import Generator
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from avl_genreplay.generators.base import GeneratorTrainer
 from avl_genreplay.replay import (
+    LearningCheck,
     PastClasses,
     check_generator_classes,
     check_generator_shape,
     experience_classes,
     experience_task_label,
     frozen_copy,
+    is_conditional,
     sample_past_inputs,
 )
 
-__all__ = ["GeneratorTrainingPlugin", "GeneratorTrainingError"]
+__all__ = ["GeneratorTrainingPlugin", "GeneratorTrainingError", "TrainingGuard"]
 
 
 class GeneratorTrainingError(RuntimeError):
@@ -45,6 +48,180 @@ def _spread(x: torch.Tensor) -> float:
 def _nonfinite(losses: Dict[str, float]) -> Optional[str]:
     bad = [name for name, value in losses.items() if not math.isfinite(value)]
     return f"the {', '.join(bad)} loss is not finite" if bad else None
+
+
+class TrainingGuard:
+    """The safety net of a generator's training, kept apart from the training.
+
+    A loss that is NaN or infinite, samples of near-zero variance (checked
+    every ``check_every`` steps) or, at the end of the experience, samples the
+    solver puts almost all (``max_class_share``) in one class roll the trainer
+    back to its last good state (saved every ``check_every`` steps) with the
+    learning rate times ``lr_decay``; after ``max_retries`` rollbacks in one
+    experience, :class:`GeneratorTrainingError` stops the run, so the solver
+    never learns from a broken generator. Rollbacks are listed in
+    :attr:`rollbacks`.
+
+    :class:`GeneratorTrainingPlugin` calls :meth:`start_experience` before it
+    trains the generator on an experience, :meth:`after_step` after each step
+    and :meth:`end_experience` at the end; another guard implements these.
+
+    :param check_every: steps between sample checks and saved good states.
+    :param check_samples: samples drawn for a check.
+    :param max_retries: rollbacks allowed per experience.
+    :param lr_decay: learning-rate factor applied at each rollback.
+    :param min_spread: the samples' mean per-pixel standard deviation must be
+        at least this share of the real data's.
+    :param max_class_share: most samples the solver may put in one class.
+    """
+
+    def __init__(
+        self,
+        *,
+        check_every: int = 100,
+        check_samples: int = 128,
+        max_retries: int = 3,
+        lr_decay: float = 0.5,
+        min_spread: float = 0.05,
+        max_class_share: float = 0.95,
+    ):
+        if check_every < 1 or check_samples < 2:
+            raise ValueError("check_every must be >= 1 and check_samples >= 2")
+        if max_retries < 0 or not 0.0 < lr_decay <= 1.0:
+            raise ValueError("max_retries must be >= 0 and lr_decay in (0, 1]")
+        self.check_every = check_every
+        self.check_samples = check_samples
+        self.max_retries = max_retries
+        self.lr_decay = lr_decay
+        self.min_spread = min_spread
+        self.max_class_share = max_class_share
+        self.rollbacks: List[dict] = []
+        self._trainer: Optional[GeneratorTrainer] = None
+
+    def start_experience(
+        self,
+        trainer: GeneratorTrainer,
+        *,
+        experience: int,
+        iterations: int,
+        classes: Sequence[int],
+        solver: nn.Module,
+        device,
+    ) -> None:
+        """Saves the trainer's state as the first good one.
+
+        :param trainer: the generator's trainer, rolled back on a failure.
+        :param experience: the experience's index, for messages and logs.
+        :param iterations: the steps the experience will take.
+        :param classes: every class seen, the experience's included.
+        :param solver: the model that classifies samples in the last check.
+        :param device: where samples are drawn.
+        """
+        self._trainer = trainer
+        self._experience = experience
+        self._iterations = iterations
+        self._classes = sorted(classes)
+        self._solver = solver
+        self._device = device
+        self._good_state, self._good_step = deepcopy(trainer.state_dict()), 0
+        self._retries = 0
+        self._data_spread: Optional[float] = None
+
+    def end_experience(self) -> None:
+        """Lets go of the experience's saved state and networks."""
+        self._trainer = self._solver = self._good_state = None
+
+    def after_step(
+        self, step: int, losses: Dict[str, float], real_x: Tensor
+    ) -> Optional[int]:
+        """Judges the training after ``step`` steps (counted from 1).
+
+        :param losses: the step's losses by name.
+        :param real_x: the real inputs of the step's batch (those of the first
+            step are the reference of the samples' spread).
+        :return: ``None`` to go on, or, after a rollback, the step the
+            training resumes from.
+        :raises GeneratorTrainingError: after ``max_retries`` rollbacks in the
+            experience.
+        """
+        if self._data_spread is None:
+            self._data_spread = _spread(real_x)
+        problem = _nonfinite(losses)
+        if problem is None and step % self.check_every == 0:
+            problem = self.sample_problem(final=False)
+        # a short run (< check_every steps) is not judged by classes
+        if problem is None and step == self._iterations >= self.check_every:
+            problem = self.sample_problem(final=True)
+        if problem is None:
+            if step % self.check_every == 0:
+                self._good_state = deepcopy(self._trainer.state_dict())
+                self._good_step = step
+            return None
+        self._retries += 1
+        if self._retries > self.max_retries:
+            raise GeneratorTrainingError(
+                f"generator training failed at experience {self._experience}, "
+                f"step {step}: {problem}; rolled back and lowered the learning "
+                f"rate {self.max_retries} times"
+            )
+        self._trainer.load_state_dict(self._good_state)
+        self._trainer.scale_learning_rate(self.lr_decay)
+        self.rollbacks.append(
+            dict(
+                experience=self._experience,
+                step=step,
+                reason=problem,
+                resumed_from=self._good_step,
+            )
+        )
+        return self._good_step
+
+    @torch.no_grad()
+    def sample_problem(self, final: bool) -> Optional[str]:
+        """A description of what is wrong with the generator's samples, or
+        ``None``: near-zero variance across samples; at the end of an
+        experience (``final``), also samples the solver puts almost all in
+        one class."""
+        generator = self._trainer.generator
+        seen = PastClasses()
+        seen.add(0, self._classes)
+        training = generator.training
+        generator.eval()
+        samples, _, _ = sample_past_inputs(
+            generator, self.check_samples, seen, self._device
+        )
+        generator.train(training)
+        spread = _spread(samples)
+        if not math.isfinite(spread):
+            return "the samples are not finite"
+        if spread < self.min_spread * self._data_spread:
+            return (
+                f"the samples have near-zero variance ({spread:.3g}, the data "
+                f"{self._data_spread:.3g})"
+            )
+        solver = self._solver
+        if (
+            not final
+            or is_conditional(generator)
+            or len(self._classes) < 2
+            or isinstance(solver, MultiTaskModule)
+        ):
+            return None
+        training = solver.training
+        solver.eval()
+        logits = solver(samples)
+        solver.train(training)
+        allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        allowed[[c for c in self._classes if c < logits.shape[1]]] = True
+        predicted = logits.masked_fill(~allowed, -float("inf")).argmax(dim=1)
+        share = torch.bincount(predicted).max().item() / len(predicted)
+        if share > self.max_class_share:
+            top = torch.bincount(predicted).argmax().item()
+            return (
+                f"the solver puts {share:.0%} of the samples in class {top} of "
+                f"{len(self._classes)} seen"
+            )
+        return None
 
 
 _SCHEDULES = ("after", "alongside")
@@ -96,23 +273,10 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         random augmentations are drawn only once: leave it off for data
         augmented at random (e.g. Avalanche's SplitCIFAR100) or too large for
         memory.
-    :param guard: watch the training (with ``schedule="after"``): a loss that
-        is NaN or infinite, samples of near-zero variance (checked every
-        ``check_every`` steps) or, at the end of the experience, samples the
-        solver puts almost all (``max_class_share``) in one class roll the
-        trainer back to its last good state (saved every ``check_every``
-        steps) with the learning rate times ``lr_decay``; after
-        ``max_retries`` rollbacks in one experience,
-        :class:`GeneratorTrainingError` stops the run, so the solver never
-        learns from a broken generator. Rollbacks are listed in
-        :attr:`rollbacks`.
-    :param check_every: steps between sample checks and saved good states.
-    :param check_samples: samples drawn for a check.
-    :param max_retries: rollbacks allowed per experience.
-    :param lr_decay: learning-rate factor applied at each rollback.
-    :param min_spread: the samples' mean per-pixel standard deviation must be
-        at least this share of the real data's.
-    :param max_class_share: most samples the solver may put in one class.
+    :param guard: the safety net of the training (with ``schedule="after"``),
+        a :class:`TrainingGuard` or a factory of one; ``None`` for none. The
+        default rolls a failing generator back and stops the run after three
+        failures in an experience (see :class:`TrainingGuard`).
     """
 
     def __init__(
@@ -128,13 +292,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         progress_bar: bool = True,
         num_workers: int = 0,
         preload: bool = False,
-        guard: bool = True,
-        check_every: int = 100,
-        check_samples: int = 128,
-        max_retries: int = 3,
-        lr_decay: float = 0.5,
-        min_spread: float = 0.05,
-        max_class_share: float = 0.95,
+        guard: Union[TrainingGuard, Callable[[], TrainingGuard], None] = TrainingGuard,
     ):
         super().__init__()
         if schedule not in _SCHEDULES:
@@ -147,10 +305,6 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             raise ValueError(f"train_iterations must be >= 1, got {train_iterations}")
         if train_epochs is not None and train_epochs < 1:
             raise ValueError(f"train_epochs must be >= 1, got {train_epochs}")
-        if check_every < 1 or check_samples < 2:
-            raise ValueError("check_every must be >= 1 and check_samples >= 2")
-        if max_retries < 0 or not 0.0 < lr_decay <= 1.0:
-            raise ValueError("max_retries must be >= 0 and lr_decay in (0, 1]")
         self.trainer = trainer
         self.generator = trainer.generator
         self.train_iterations = train_iterations
@@ -166,14 +320,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         self.old_generator = None
         self.experience_index = 0
         self.loss_history: List[Dict[str, float]] = []
-        self.guard = guard
-        self.check_every = check_every
-        self.check_samples = check_samples
-        self.max_retries = max_retries
-        self.lr_decay = lr_decay
-        self.min_spread = min_spread
-        self.max_class_share = max_class_share
-        self.rollbacks: List[dict] = []
+        self.learning_check = LearningCheck(type(self).__name__)
+        # a factory, as Avalanche's evaluator: no guard shared by two plugins
+        self.guard: Optional[TrainingGuard] = guard() if callable(guard) else guard
 
     def current_replay_share(self) -> float:
         if not self.past:
@@ -189,6 +338,11 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         self.generator.to(strategy.device)
+        # a replay pool is falsy while empty: test for None
+        replay_source = (
+            self.generator if self.replay_generator is None else self.replay_generator
+        )
+        self.learning_check.before_experience(replay_source, bool(self.past))
         if not self.past:
             self.old_generator = None
         elif self.replay_generator is not None:
@@ -200,7 +354,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
 
     def after_training_iteration(self, strategy, **kwargs):
         if self.schedule == "alongside":
-            real_y = strategy.mb_y if self.generator.is_conditional else None
+            real_y = strategy.mb_y if is_conditional(self.generator) else None
             self._train_step(strategy.mb_x, real_y, strategy.device)
 
     def after_training_exp(self, strategy, **kwargs):
@@ -244,111 +398,48 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             disable=not self.progress_bar,
             leave=False,
         )
-        good_state, good_step = deepcopy(self.trainer.state_dict()), 0
-        retries, done = 0, 0
+        guard = self.guard
+        if guard is not None:
+            guard.start_experience(
+                self.trainer,
+                experience=self.experience_index,
+                iterations=iterations,
+                classes=set(self.past.classes)
+                | set(experience_classes(strategy.experience)),
+                solver=strategy.model,
+                device=strategy.device,
+            )
         totals: Dict[str, float] = {}
         counts: Dict[str, int] = {}
-        data_spread = None
-        for x, y, *_ in self._batches(loader):
-            if done >= iterations:
-                break
-            x, y = x.to(strategy.device), y.to(strategy.device)
-            if data_spread is None:
-                data_spread = _spread(x)
-            if n_real == 0:
-                x, y = x[:0], y[:0]
-            losses = self._train_step(x, y, strategy.device, n_replay)
-            done += 1
-            problem = None
-            if self.guard:
-                problem = _nonfinite(losses)
-                if problem is None and done % self.check_every == 0:
-                    problem = self._check_samples(data_spread, strategy, final=False)
-                # a short run (< check_every steps) is not judged by classes
-                if problem is None and done == iterations >= self.check_every:
-                    problem = self._check_samples(data_spread, strategy, final=True)
-            if problem is not None:
-                retries += 1
-                if retries > self.max_retries:
-                    bar.close()
-                    raise GeneratorTrainingError(
-                        f"generator training failed at experience "
-                        f"{self.experience_index}, step {done}: {problem}; rolled "
-                        f"back and lowered the learning rate {self.max_retries} "
-                        f"times"
-                    )
-                self.trainer.load_state_dict(good_state)
-                self.trainer.scale_learning_rate(self.lr_decay)
-                self.rollbacks.append(
-                    dict(
-                        experience=self.experience_index,
-                        step=done,
-                        reason=problem,
-                        resumed_from=good_step,
-                    )
+        done = 0
+        try:
+            for x, y, *_ in self._batches(loader):
+                if done >= iterations:
+                    break
+                x, y = x.to(strategy.device), y.to(strategy.device)
+                if n_real == 0:
+                    x, y = x[:0], y[:0]
+                losses = self._train_step(x, y, strategy.device, n_replay)
+                done += 1
+                resumed_from = (
+                    None if guard is None else guard.after_step(done, losses, x)
                 )
-                done = good_step
-                bar.reset(total=iterations)
-                bar.update(done)
-                continue
-            for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + value
-                counts[name] = counts.get(name, 0) + 1
-            bar.update(1)
-            if done % 50 == 0:
-                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
-            if self.guard and done % self.check_every == 0:
-                good_state, good_step = deepcopy(self.trainer.state_dict()), done
-        bar.close()
+                if resumed_from is not None:  # rolled back
+                    done = resumed_from
+                    bar.reset(total=iterations)
+                    bar.update(done)
+                    continue
+                for name, value in losses.items():
+                    totals[name] = totals.get(name, 0.0) + value
+                    counts[name] = counts.get(name, 0) + 1
+                bar.update(1)
+                if done % 50 == 0:
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+        finally:
+            bar.close()
+            if guard is not None:
+                guard.end_experience()
         self.loss_history.append({k: totals[k] / counts[k] for k in totals})
-
-    @torch.no_grad()
-    def _check_samples(self, data_spread: float, strategy, final: bool):
-        """A description of what is wrong with the generator's samples, or
-        ``None``: near-zero variance across samples; at the end of an
-        experience, also samples the solver puts almost all in one class."""
-        classes = sorted(
-            set(self.past.classes) | set(experience_classes(strategy.experience))
-        )
-        seen = PastClasses()
-        seen.add(0, classes)
-        training = self.generator.training
-        self.generator.eval()
-        samples, _, _ = sample_past_inputs(
-            self.generator, self.check_samples, seen, strategy.device
-        )
-        self.generator.train(training)
-        spread = _spread(samples)
-        if not math.isfinite(spread):
-            return "the samples are not finite"
-        if spread < self.min_spread * data_spread:
-            return (
-                f"the samples have near-zero variance ({spread:.3g}, the data "
-                f"{data_spread:.3g})"
-            )
-        solver = strategy.model
-        if (
-            not final
-            or self.generator.is_conditional
-            or len(classes) < 2
-            or isinstance(solver, MultiTaskModule)
-        ):
-            return None
-        training = solver.training
-        solver.eval()
-        logits = solver(samples)
-        solver.train(training)
-        allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-        allowed[[c for c in classes if c < logits.shape[1]]] = True
-        predicted = logits.masked_fill(~allowed, -float("inf")).argmax(dim=1)
-        share = torch.bincount(predicted).max().item() / len(predicted)
-        if share > self.max_class_share:
-            top = torch.bincount(predicted).argmax().item()
-            return (
-                f"the solver puts {share:.0%} of the samples in class {top} of "
-                f"{len(classes)} seen"
-            )
-        return None
 
     def _train_step(
         self,
@@ -358,18 +449,21 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         n_replay: Optional[int] = None,
     ) -> Dict[str, float]:
         """One trainer step on real data mixed with the old generator's replay."""
-        if len(real_x):
-            self.generator.calibrate_range(real_x)
+        # only this package's generators learn the data's value range
+        calibrate_range = getattr(self.generator, "calibrate_range", None)
+        if calibrate_range is not None and len(real_x):
+            calibrate_range(real_x)
         if n_replay is None:
             share = self.current_replay_share()
             n_replay = round(len(real_x) * share / max(1 - share, 1e-8))
         x, y = real_x, real_y
+        conditional = is_conditional(self.generator)
         if self.old_generator is not None and n_replay > 0:
             with torch.no_grad():
                 replay_x, conditions, _ = sample_past_inputs(
                     self.old_generator, n_replay, self.past, device
                 )
             x = torch.cat([real_x, replay_x])
-            if self.generator.is_conditional:
+            if conditional:
                 y = torch.cat([real_y, conditions])
-        return self.trainer.train_step(x, y if self.generator.is_conditional else None)
+        return self.trainer.train_step(x, y if conditional else None)

@@ -5,16 +5,20 @@ training iteration a loss on a batch of generated inputs of past experiences,
 labelled by a frozen copy of the previous solver (or, for a class-conditional
 generator, by the requested classes). The two losses are weighed by the
 importance ratio ``r``: ``loss = r * loss_current + (1 - r) * loss_replay``
-(Shin et al., 2017). Labels can be hard (the old solver's arg-max) or soft
-(distillation with a temperature, "DGR+distill" in van de Ven & Tolias, 2019).
+(Shin et al., 2017), where ``loss_current`` is the template's criterion on the
+minibatch; terms that other plugins (EWC, LwF, ...) add to the loss keep their
+own weight, whatever the order of the plugins. Labels can be hard (the old
+solver's arg-max) or soft (distillation with a temperature, "DGR+distill" in
+van de Ven & Tolias, 2019).
 
 The same bookkeeping (which classes each task label has seen, sampling inputs
 of past classes) serves the generator-training plugins, so it lives here too.
 """
 
+import warnings
 from collections import Counter
 from copy import deepcopy
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,11 @@ __all__ = [
     "PastClasses",
     "Replay",
     "SolverReplayPlugin",
+    "UntrainedGeneratorWarning",
+    "LearningCheck",
+    "parameter_fingerprint",
     "frozen_copy",
+    "is_conditional",
     "experience_classes",
     "experience_task_label",
     "check_generator_shape",
@@ -51,6 +59,17 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     for parameter in copy.parameters():
         parameter.requires_grad_(False)
     return copy
+
+
+def is_conditional(generator: Generator) -> bool:
+    """Whether the generator's ``generate`` takes class labels as condition:
+    its ``is_conditional`` where it has one (this package's generators), else
+    whether it has a number of classes (e.g. Avalanche's ``MlpVAE`` has none,
+    a :class:`~avl_genreplay.replay_pool.ReplayPool` has one)."""
+    conditional = getattr(generator, "is_conditional", None)
+    if conditional is None:
+        return getattr(generator, "num_classes", None) is not None
+    return bool(conditional)
 
 
 def experience_classes(experience) -> List[int]:
@@ -92,7 +111,7 @@ def check_generator_shape(generator: Generator, experience) -> None:
         training = generator.training
         generator.eval()
         with torch.no_grad():
-            if getattr(generator, "num_classes", None) is not None:
+            if is_conditional(generator):
                 samples = generator.generate(2, torch.zeros(2, dtype=torch.long))
             else:  # e.g. Avalanche's MlpVAE, whose generate takes no condition
                 samples = generator.generate(2)
@@ -121,6 +140,65 @@ def check_generator_classes(generator: Generator, experience) -> None:
             f"that the conditional generator does not know (it has "
             f"{num_classes} classes, 0..{num_classes - 1})"
         )
+
+
+class UntrainedGeneratorWarning(UserWarning):
+    """Replay is drawn from a generator that has not learned any experience."""
+
+
+@torch.no_grad()
+def parameter_fingerprint(generator: Generator) -> Optional[Tuple[float, ...]]:
+    """The sum and the sum of squares of each of the generator's parameters,
+    which any training step changes; ``None`` for a generator without
+    parameters (e.g. a :class:`~avl_genreplay.replay_pool.ReplayPool`)."""
+    if not isinstance(generator, nn.Module):
+        return None
+    sums = []
+    for parameter in generator.parameters():
+        values = parameter.detach().double()
+        sums += [values.sum().item(), values.square().sum().item()]
+    return tuple(sums) or None
+
+
+class LearningCheck:
+    """Warns, once, when a plugin draws replay from a generator whose
+    parameters have not changed since the plugin's first experience: one that
+    learned nothing replays noise (e.g. replay without any generator
+    training, Avalanche issue #1138).
+
+    Generators without parameters are not checked: a
+    :class:`~avl_genreplay.replay_pool.ReplayPool` is filled by a plugin that
+    checks its own generator. A generator trained before the run and frozen
+    since also warns; silence it with ``warnings.filterwarnings("ignore",
+    category=UntrainedGeneratorWarning)``.
+
+    :param plugin_name: the plugin named in the warning.
+    """
+
+    def __init__(self, plugin_name: str):
+        self.plugin_name = plugin_name
+        self.start: Optional[Tuple[float, ...]] = None
+        self.warned = False
+
+    def before_experience(self, generator: Generator, replaying: bool) -> None:
+        """Call before each experience, ``replaying`` from the first one whose
+        replay comes from ``generator``."""
+        if not replaying:
+            if self.start is None:
+                self.start = parameter_fingerprint(generator)
+            return
+        if self.warned or self.start is None:
+            return
+        if parameter_fingerprint(generator) == self.start:
+            self.warned = True
+            warnings.warn(
+                f"{self.plugin_name} replays samples of a "
+                f"{type(generator).__name__} whose parameters have not changed "
+                f"since the first experience: it has learned nothing, so its "
+                f"samples are noise. Train it, e.g. with GeneratorTrainingPlugin.",
+                UntrainedGeneratorWarning,
+                stacklevel=2,
+            )
 
 
 class PastClasses:
@@ -221,7 +299,7 @@ def sample_past_inputs(
 
     :return: ``(x, conditions or None, task_labels)``.
     """
-    if getattr(generator, "num_classes", None) is not None:
+    if is_conditional(generator):
         pairs = past.task_class_pairs()
         picks = _balanced(range(len(pairs)), n, device)
         conditions = torch.tensor([pairs[i][1] for i in picks.tolist()], device=device)
@@ -246,9 +324,11 @@ class SolverReplayPlugin(SupervisedPlugin):
     :param generator: the generator whose samples are replayed. A frozen copy
         taken before each experience is sampled, so a generator trained
         alongside the solver does not replay its own half-learned samples.
-    :param importance_ratio: ``r``, the weight of the loss on current data;
-        replay gets ``1 - r``. ``None`` (DGR's default) uses ``1 / t`` where
-        ``t`` is the number of experiences seen, current one included.
+    :param importance_ratio: ``r``, the weight of the loss on current data
+        (the template's ``criterion()``); replay gets ``1 - r``. Terms other
+        plugins add to ``strategy.loss`` (e.g. EWC's penalty) are not scaled.
+        ``None`` (DGR's default) uses ``1 / t`` where ``t`` is the number of
+        experiences seen, current one included.
     :param replay_mb_size: replayed samples per iteration; ``None`` for as many
         as the current minibatch holds.
     :param soft_targets: learn the old solver's tempered probabilities
@@ -313,6 +393,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         # generator still covers (a collapsed one replays few classes)
         self.replayed_class_counts: List[Dict[int, int]] = []
         self._counts: Counter = Counter()
+        self.learning_check = LearningCheck(type(self).__name__)
 
     def current_ratio(self) -> float:
         """The weight of the current data's loss for the experience at hand."""
@@ -326,6 +407,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         check_generator_classes(self.generator, strategy.experience)
 
     def before_training_exp(self, strategy, **kwargs):
+        self.learning_check.before_experience(self.generator, bool(self.past))
         if self.past:
             self.old_solver = frozen_copy(strategy.model)
             self.old_generator = frozen_copy(self.generator)
@@ -390,5 +472,10 @@ class SolverReplayPlugin(SupervisedPlugin):
             replay_loss = (weights * per_sample).sum()
         else:
             replay_loss = strategy._criterion(output, replay.y)
+        # the template has already added the current data's criterion to the
+        # loss, at weight 1, and other plugins (EWC, LwF, ...) add their own
+        # terms before or after this one: only add what turns the criterion's
+        # weight into r, so that their terms keep theirs whatever the order
         ratio = self.current_ratio()
-        strategy.loss = ratio * strategy.loss + (1 - ratio) * replay_loss
+        current_loss = strategy.criterion()
+        strategy.loss += (ratio - 1) * current_loss + (1 - ratio) * replay_loss

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from avl_genreplay.replay import (
+    LearningCheck,
     PastClasses,
     experience_classes,
     experience_task_label,
@@ -170,8 +171,10 @@ class ReplayPoolPlugin(SupervisedPlugin):
         # cost of each refill, for reports: seconds, images per second and,
         # for a diffusion model, its sampler and denoising steps
         self.sampling_log: List[dict] = []
+        self.learning_check = LearningCheck(type(self).__name__)
 
     def before_training_exp(self, strategy, **kwargs):
+        self.learning_check.before_experience(self.generator, bool(self.past))
         if not self.past:
             return
         pairs = self.past.task_class_pairs()

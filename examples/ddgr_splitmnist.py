@@ -30,6 +30,7 @@ from avalanche.models import SimpleMLP
 from avalanche.training.plugins import EvaluationPlugin
 
 from avl_genreplay import DDGR
+from avl_genreplay.bench.data import subsample_experience
 
 
 def main(argv=None):
@@ -39,8 +40,10 @@ def main(argv=None):
     parser.add_argument("--generator-iterations", type=int, default=1000)
     parser.add_argument("--samples-per-class", type=int, default=2000)
     parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    torch.manual_seed(args.seed)
     benchmark = SplitMNIST(
         n_experiences=5,
         fixed_class_order=list(range(10)),
@@ -65,9 +68,7 @@ def main(argv=None):
     )
     results = None
     for experience in benchmark.train_stream[: args.experiences]:
-        if args.train_subset:
-            experience.dataset = experience.dataset.subset(range(args.train_subset))
-        strategy.train(experience)
+        strategy.train(subsample_experience(experience, args.train_subset, args.seed))
         results = strategy.eval(benchmark.test_stream[: args.experiences])
     return results
 

@@ -404,11 +404,11 @@ def test_a_rollback_restores_masks_and_weights_within_a_task(tiny_stream):
         progress_bar=False,
         **_solver_kwargs(),
     )
-    strategy.generator_plugin.check_every = 4
-    strategy.generator_plugin.min_spread = 0.0  # only the NaN is a failure here
+    strategy.generator_plugin.guard.check_every = 4
+    strategy.generator_plugin.guard.min_spread = 0.0  # only the NaN is a failure
     for experience in tiny_stream.train_stream[:2]:
         strategy.train(experience)
-    rollbacks = strategy.generator_plugin.rollbacks
+    rollbacks = strategy.generator_plugin.guard.rollbacks
     assert [(r["experience"], r["step"], r["resumed_from"]) for r in rollbacks] == [
         (1, 5, 4)
     ]

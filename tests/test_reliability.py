@@ -15,6 +15,7 @@ from avalanche.training import Naive
 from avl_genreplay.generator_training import (
     GeneratorTrainingError,
     GeneratorTrainingPlugin,
+    TrainingGuard,
 )
 from avl_genreplay.generators.diffusion import DiffusionGenerator
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
@@ -188,9 +189,13 @@ class NaNAt(WGANGPTrainer):
         return losses
 
 
-def _naive_with(trainer, stream, experiences=1, **plugin_kwargs):
+def _naive_with(
+    trainer, stream, experiences=1, train_iterations=10, guard=TrainingGuard
+):
     model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
-    plugin = GeneratorTrainingPlugin(trainer, progress_bar=False, **plugin_kwargs)
+    plugin = GeneratorTrainingPlugin(
+        trainer, train_iterations=train_iterations, guard=guard, progress_bar=False
+    )
     strategy = Naive(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
@@ -207,10 +212,13 @@ def test_a_nan_generator_is_rolled_back_with_a_lower_learning_rate(tiny_stream):
     generator = ConvGenerator(SHAPE, channels=8)
     trainer = NaNAt(generator, at=[7], lr=1e-3, critic_steps=1)
     plugin = _naive_with(
-        trainer, tiny_stream, train_iterations=10, check_every=5, max_class_share=1.0
+        trainer,
+        tiny_stream,
+        train_iterations=10,
+        guard=TrainingGuard(check_every=5, max_class_share=1.0),
     )
-    assert len(plugin.rollbacks) == 1
-    rollback = plugin.rollbacks[0]
+    assert len(plugin.guard.rollbacks) == 1
+    rollback = plugin.guard.rollbacks[0]
     assert rollback["experience"] == 0 and rollback["step"] == 7
     assert rollback["resumed_from"] == 5 and "not finite" in rollback["reason"]
     assert trainer.calls == 12  # 7 steps, then steps 6..10 again
@@ -225,7 +233,12 @@ def test_generator_training_stops_with_a_clear_error_after_the_retries(tiny_stre
     with pytest.raises(
         GeneratorTrainingError, match=r"experience 0, step 1: .*2 times"
     ):
-        _naive_with(trainer, tiny_stream, train_iterations=10, max_retries=2)
+        _naive_with(
+            trainer,
+            tiny_stream,
+            train_iterations=10,
+            guard=TrainingGuard(max_retries=2),
+        )
 
 
 class Collapsing(WGANGPTrainer):
@@ -241,7 +254,9 @@ class Collapsing(WGANGPTrainer):
 def test_samples_of_near_zero_variance_are_a_collapse(tiny_stream):
     trainer = Collapsing(ConvGenerator(SHAPE, channels=8), critic_steps=1)
     with pytest.raises(GeneratorTrainingError, match="near-zero variance"):
-        _naive_with(trainer, tiny_stream, train_iterations=6, check_every=2)
+        _naive_with(
+            trainer, tiny_stream, train_iterations=6, guard=TrainingGuard(check_every=2)
+        )
 
 
 def test_samples_all_put_in_one_class_are_a_collapse(tiny_stream):
@@ -250,7 +265,10 @@ def test_samples_all_put_in_one_class_are_a_collapse(tiny_stream):
     with torch.no_grad():
         model.classifier.bias[0] = 1e4  # the solver calls everything class 0
     plugin = GeneratorTrainingPlugin(
-        trainer, train_iterations=4, check_every=4, max_retries=1, progress_bar=False
+        trainer,
+        train_iterations=4,
+        guard=TrainingGuard(check_every=4, max_retries=1),
+        progress_bar=False,
     )
     strategy = Naive(
         model=model,
@@ -260,6 +278,53 @@ def test_samples_all_put_in_one_class_are_a_collapse(tiny_stream):
     )
     with pytest.raises(GeneratorTrainingError, match="100% of the samples in class 0"):
         strategy.train(tiny_stream.train_stream[0])
+
+
+def test_without_a_guard_a_nan_generator_trains_on(tiny_stream):
+    trainer = NaNAt(ConvGenerator(SHAPE, channels=8), at=range(1, 100), critic_steps=1)
+    _naive_with(trainer, tiny_stream, train_iterations=6, guard=None)
+    assert trainer.calls == 6  # no rollback, no error
+
+
+class _Watching(TrainingGuard):
+    """A guard of the user's own: records how the plugin calls it and asks
+    for one rollback, to step 2, at step 3 of each experience."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def start_experience(self, trainer, *, experience, iterations, **kwargs):
+        self.calls.append(("start", experience, iterations))
+        self.rolled_back = False
+
+    def after_step(self, step, losses, real_x):
+        self.calls.append(("step", step))
+        if step == 3 and not self.rolled_back:
+            self.rolled_back = True
+            return 2
+        return None
+
+    def end_experience(self):
+        self.calls.append(("end",))
+
+
+def test_a_guard_of_ones_own_replaces_the_default(tiny_stream):
+    trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8), critic_steps=1)
+    guard = _Watching()
+    plugin = _naive_with(trainer, tiny_stream, train_iterations=4, guard=guard)
+    assert plugin.guard is guard
+    steps = [("step", s) for s in (1, 2, 3, 3, 4)]  # resumed after step 2
+    assert guard.calls == [("start", 0, 4), *steps, ("end",)]
+
+
+def test_each_plugin_gets_a_default_guard_of_its_own():
+    plugins = [
+        GeneratorTrainingPlugin(WGANGPTrainer(ConvGenerator(SHAPE, channels=8)))
+        for _ in range(2)
+    ]
+    assert all(isinstance(p.guard, TrainingGuard) for p in plugins)
+    assert plugins[0].guard is not plugins[1].guard
 
 
 # --- inputs validated before any training -------------------------------------

@@ -1,5 +1,6 @@
 """The method-agnostic solver replay plugin and the generator-training plugin."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -8,17 +9,19 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MlpVAE, SimpleMLP, as_multitask
 from avalanche.training import Naive
-from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin
 
 from avl_genreplay.bench.data import synthetic_benchmark
-from avl_genreplay.generator_training import GeneratorTrainingPlugin
+from avl_genreplay.generator_training import GeneratorTrainingPlugin, TrainingGuard
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
 from avl_genreplay.replay import (
     SolverReplayPlugin,
+    UntrainedGeneratorWarning,
     experience_classes,
     experience_task_label,
 )
-from avl_genreplay.strategies import DGR
+from avl_genreplay.generators.diffusion import DiffusionGenerator
+from avl_genreplay.strategies import DDGR, DGM, DGR
 
 SHAPE = (1, 12, 12)
 
@@ -155,6 +158,152 @@ def test_loss_weighs_current_and_replay_by_the_ratio_in_naive_by_hand(tiny_strea
         replay_loss = F.cross_entropy(model(batch.x), batch.y)
         expected = 0.25 * first["loss"] + 0.75 * replay_loss
         assert torch.allclose(second["loss"], expected, atol=1e-5)
+
+
+def _adds_recorded(plugin_class, **kwargs):
+    """An instance of ``plugin_class`` that records the term its
+    ``before_backward`` adds to the loss at each iteration."""
+
+    class Recorded(plugin_class):
+        def before_backward(self, strategy, **kw):
+            before = strategy.loss.detach().clone()
+            super().before_backward(strategy, **kw)
+            self.added.append(strategy.loss.detach() - before)
+
+    plugin = Recorded(**kwargs)
+    plugin.added = []
+    return plugin
+
+
+class FinalLoss(SupervisedPlugin):
+    """Records, after each backward, the loss and its parts: the criterion on
+    the minibatch and on the replay (the model is not updated yet)."""
+
+    def __init__(self, replay_plugin):
+        super().__init__()
+        self.replay_plugin = replay_plugin
+        self.records = []
+
+    @torch.no_grad()
+    def after_backward(self, strategy, **kwargs):
+        replay = self.replay_plugin.last_replay
+        if replay is None:
+            return
+        self.records.append(
+            dict(
+                loss=strategy.loss.detach().clone(),
+                current=F.cross_entropy(strategy.mb_output, strategy.mb_y),
+                replay=F.cross_entropy(strategy.model(replay.x), replay.y),
+            )
+        )
+
+
+def _replay_with(tiny_stream, other_class, other_kwargs, replay_first):
+    torch.manual_seed(0)
+    model = solver()
+    replay = SolverReplayPlugin(
+        ConvGenerator(SHAPE, channels=8), importance_ratio=0.25, replay_mb_size=6
+    )
+    other = _adds_recorded(other_class, **other_kwargs)
+    final = FinalLoss(replay)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=8,
+        evaluator=quiet(),
+        plugins=([replay, other] if replay_first else [other, replay]) + [final],
+    )
+    for experience in tiny_stream.train_stream[:2]:
+        strategy.train(experience)
+    added = other.added[-len(final.records) :]  # those of the replay iterations
+    return added, final.records
+
+
+@pytest.mark.parametrize(
+    "other_class, other_kwargs",
+    [
+        (EWCPlugin, dict(ewc_lambda=1000.0)),
+        (LwFPlugin, dict(alpha=100.0, temperature=2.0)),
+    ],
+    ids=["EWC", "LwF"],
+)
+def test_other_plugins_terms_are_not_scaled_by_the_ratio(
+    tiny_stream, other_class, other_kwargs
+):
+    """With EWC or LwF beside replay, in either order, the loss is
+    ``r * loss(current) + (1 - r) * loss(replay) + their term``; rescaling
+    the whole loss (``r * strategy.loss``) would halve their term when they
+    come first, and the two orders would train differently."""
+    runs = [
+        _replay_with(tiny_stream, other_class, other_kwargs, replay_first)
+        for replay_first in (True, False)
+    ]
+    for added, records in runs:
+        assert len(records) > 1
+        # the other plugin's term is large enough to tell a scaled one apart
+        assert max(term.item() for term in added) > 0.01
+        for term, record in zip(added, records):
+            expected = 0.25 * record["current"] + 0.75 * record["replay"] + term
+            assert torch.allclose(record["loss"], expected, atol=1e-5)
+    first, second = ([record["loss"] for record in run[1]] for run in runs)
+    assert torch.allclose(torch.stack(first), torch.stack(second), atol=1e-4)
+
+
+def _untrained_generator_warnings(strategy, experiences):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for experience in experiences:
+            strategy.train(experience)
+    return [w for w in caught if issubclass(w.category, UntrainedGeneratorWarning)]
+
+
+def test_replay_from_a_generator_that_never_learned_warns_once(tiny_stream):
+    """Avalanche issue #1138: replay without generator training is noise."""
+    model = solver()
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_mb_size=16,
+        evaluator=quiet(),
+        plugins=[SolverReplayPlugin(MlpVAE(SHAPE, nhid=4))],
+    )
+    caught = _untrained_generator_warnings(strategy, tiny_stream.train_stream)
+    assert len(caught) == 1  # at the second experience, not again at the third
+    assert "SolverReplayPlugin replays samples of a MlpVAE" in str(caught[0].message)
+
+
+def _strategy_of(name):
+    model = solver()
+    common = dict(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        generator_iterations=2,
+        progress_bar=False,
+        train_mb_size=16,
+        evaluator=quiet(),
+    )
+    if name == "DGR":
+        # one critic step per generator step: the generator learns in 2 steps
+        generator = ConvGenerator(SHAPE, channels=8)
+        return DGR(generator=generator, critic_steps=1, **common)
+    if name == "DGM":
+        return DGM(
+            input_shape=SHAPE,
+            num_classes=6,
+            generator_channels=(8, 4),
+            discriminator_channels=8,
+            **common,
+        )
+    diffusion = DiffusionGenerator(SHAPE, 6, base_channels=8, sampling_steps=2)
+    return DDGR(generator=diffusion, samples_per_class=2, **common)
+
+
+@pytest.mark.parametrize("name", ["DGR", "DGM", "DDGR"])
+def test_no_untrained_generator_warning_when_the_generator_learns(tiny_stream, name):
+    """The generators (and DDGR's replay pool, filled from a diffusion model
+    that learned) change between experiences: no false alarm."""
+    strategy = _strategy_of(name)
+    assert not _untrained_generator_warnings(strategy, tiny_stream.train_stream)
 
 
 def test_default_ratio_is_the_share_of_the_current_task(tiny_stream):
@@ -450,6 +599,17 @@ def test_bad_replay_settings_are_refused(kwargs, message):
         (dict(schedule="before"), "schedule"),
         (dict(train_iterations=0), "train_iterations"),
         (dict(train_epochs=0), "train_epochs"),
+    ],
+)
+def test_bad_generator_training_settings_are_refused(kwargs, message):
+    trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8))
+    with pytest.raises(ValueError, match=message):
+        GeneratorTrainingPlugin(trainer, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
         (dict(check_every=0), "check_every"),
         (dict(check_samples=1), "check_samples"),
         (dict(max_retries=-1), "max_retries"),
@@ -457,10 +617,9 @@ def test_bad_replay_settings_are_refused(kwargs, message):
         (dict(lr_decay=1.5), "lr_decay"),
     ],
 )
-def test_bad_generator_training_settings_are_refused(kwargs, message):
-    trainer = WGANGPTrainer(ConvGenerator(SHAPE, channels=8))
+def test_bad_guard_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GeneratorTrainingPlugin(trainer, **kwargs)
+        TrainingGuard(**kwargs)
 
 
 def test_class_balancing_gives_every_replayed_label_the_same_weight():

@@ -145,10 +145,12 @@ class GeneratorTrainer(ABC):
     The generator-training plugin feeds batches (real data mixed with replay)
     to :meth:`train_step`; what a step does (GAN, diffusion, ...) is the
     trainer's business. Trainers keep their own optimisers, so a generator's
-    learning rate is its own.
+    learning rate is its own. The generator may be any Avalanche
+    ``Generator`` (e.g. Avalanche's ``MlpVAE``), not only an
+    :class:`ImageGenerator`.
     """
 
-    generator: ImageGenerator
+    generator: Generator
 
     @abstractmethod
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:

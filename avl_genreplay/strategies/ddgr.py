@@ -15,7 +15,7 @@ from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
 from avl_genreplay.devices import check_device
-from avl_genreplay.generator_training import GeneratorTrainingPlugin
+from avl_genreplay.generator_training import GeneratorTrainingPlugin, TrainingGuard
 from avl_genreplay.generators.diffusion import DDPMTrainer, DiffusionGenerator
 from avl_genreplay.replay import SolverReplayPlugin
 from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
@@ -191,8 +191,7 @@ class DDGR(SupervisedTemplate):
             replay_generator=self.pool,
             progress_bar=progress_bar,
             # a check samples through the whole reverse process: keep it small
-            check_samples=32,
-            check_every=250,
+            guard=TrainingGuard(check_samples=32, check_every=250),
         )
         super().__init__(
             model=model,
