@@ -93,6 +93,15 @@ class DDGR(SupervisedTemplate):
     :param augment: a random transformation of input batches applied alike
         to the solver's minibatches and to the replay (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`); ``None`` for none.
+    :param generator_preload: keep the experience's data in memory, through its
+        transforms, for the diffusion model's training (faster; random
+        augmentations would be drawn once: see
+        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
+    :param generator_train_after_last: train the generator on the stream's
+        last experience too; ``False`` skips it where nothing will replay the
+        generator afterwards (see
+        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`'s
+        ``train_after_last``).
     :param progress_bar: show the diffusion model's and the sampling's
         progress bars.
     :param train_mb_size: the solver's minibatch size.
@@ -131,6 +140,8 @@ class DDGR(SupervisedTemplate):
         soft_targets: bool = True,
         temperature: float = 2.0,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
+        generator_preload: bool = False,
+        generator_train_after_last: bool = True,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -189,6 +200,8 @@ class DDGR(SupervisedTemplate):
             train_iterations=generator_iterations,
             train_mb_size=generator_mb_size,
             replay_generator=self.pool,
+            preload=generator_preload,
+            train_after_last=generator_train_after_last,
             progress_bar=progress_bar,
             # a check samples through the whole reverse process: keep it small
             check_samples=32,
