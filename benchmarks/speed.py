@@ -3,7 +3,8 @@
 Runs Joint and each generative strategy (one seed) through the bench
 harness's own API (its config, benchmark and ``run_strategy``) and prints,
 per strategy, its wall seconds, their ratio to Joint's wall in the same
-invocation, and its final average accuracy. Ratios, not seconds, carry a
+invocation, and its final average accuracy (the same for the process's CPU
+seconds, steadier on a shared machine). Ratios, not seconds, carry a
 comparison between machines or commits. Nothing is written unless asked
 (``--json``, ``--profile``), and never into ``benchmarks/results/``.
 
@@ -26,6 +27,7 @@ import cProfile
 import json
 import pstats
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -82,7 +84,9 @@ def _outside_results(path: str) -> Path:
 
 
 def run_one(name: str, args, config: dict, device: torch.device) -> dict:
-    """One run of strategy ``name`` through the harness, without loggers."""
+    """One run of strategy ``name`` through the harness, without loggers; adds
+    the process's CPU seconds during the run (``cpu_seconds``), steadier than
+    the wall on a machine shared with other jobs."""
     spec = data.BENCHMARKS[args.benchmark]
     benchmark = data.make_benchmark(
         args.benchmark,
@@ -93,7 +97,8 @@ def run_one(name: str, args, config: dict, device: torch.device) -> dict:
     settings = dict(config["strategies"].get(name, {}))
     if name in GENERATIVE:
         settings["progress_bar"] = False
-    return run_strategy(
+    started = time.process_time()
+    run = run_strategy(
         RunSpec(
             strategy=name,
             seed=args.seed,
@@ -107,6 +112,8 @@ def run_one(name: str, args, config: dict, device: torch.device) -> dict:
         ),
         benchmark,
     )
+    run["cpu_seconds"] = time.process_time() - started
+    return run
 
 
 def _cumulative(stats: pstats.Stats, file_part: str, function: str) -> float:
@@ -218,27 +225,34 @@ def main(argv: Optional[List[str]] = None) -> int:
             dict(
                 strategy=name,
                 wall_seconds=run["wall_seconds"],
+                cpu_seconds=run["cpu_seconds"],
                 final_avg_acc=run["final_avg_acc"],
                 profile=run.get("profile"),
             )
         )
         print(
             f"== {name}: {run['wall_seconds']:.1f} s, "
+            f"CPU {run['cpu_seconds']:.1f} s, "
             f"accuracy {run['final_avg_acc']:.4f}",
             flush=True,
         )
-    joint = rows[0]["wall_seconds"]
+    joint, joint_cpu = rows[0]["wall_seconds"], rows[0]["cpu_seconds"]
     print(
         f"\n{args.benchmark}, seed {args.seed}, train subset "
         f"{args.train_subset or 'all'}, device {device}, "
         f"{torch.get_num_threads()} torch thread(s)"
     )
-    print(f"{'strategy':<10} {'wall s':>8} {'x joint':>8} {'accuracy':>9}")
+    print(
+        f"{'strategy':<10} {'wall s':>8} {'x joint':>8} {'CPU s':>8} "
+        f"{'x joint':>8} {'accuracy':>9}"
+    )
     for row in rows:
         row["ratio_to_joint"] = row["wall_seconds"] / joint
+        row["cpu_ratio_to_joint"] = row["cpu_seconds"] / joint_cpu
         print(
             f"{row['strategy']:<10} {row['wall_seconds']:8.1f} "
-            f"{row['ratio_to_joint']:8.2f} {row['final_avg_acc']:9.4f}"
+            f"{row['ratio_to_joint']:8.2f} {row['cpu_seconds']:8.1f} "
+            f"{row['cpu_ratio_to_joint']:8.2f} {row['final_avg_acc']:9.4f}"
         )
     if json_path is not None:
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
