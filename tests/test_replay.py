@@ -427,27 +427,25 @@ def test_train_after_last_needs_the_experiences_stream():
         plugin.before_training_exp(strategy)
 
 
+def _conditional(strategy_class):
+    """A builder of a class-conditional strategy (DGM, DDGR) on SHAPE."""
+
+    def build(model, **kwargs):
+        return strategy_class(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            input_shape=SHAPE,
+            num_classes=6,
+            evaluator=quiet(),
+            **kwargs,
+        )
+
+    return build
+
+
 @pytest.mark.parametrize(
     "build",
-    [
-        lambda model, **kw: small_dgr(model, **kw),
-        lambda model, **kw: DGM(
-            model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-            input_shape=SHAPE,
-            num_classes=6,
-            evaluator=quiet(),
-            **kw,
-        ),
-        lambda model, **kw: DDGR(
-            model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-            input_shape=SHAPE,
-            num_classes=6,
-            evaluator=quiet(),
-            **kw,
-        ),
-    ],
+    [small_dgr, _conditional(DGM), _conditional(DDGR)],
     ids=["dgr", "dgm", "ddgr"],
 )
 def test_strategies_pass_generator_train_after_last_on(build):

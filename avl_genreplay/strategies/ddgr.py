@@ -93,9 +93,8 @@ class DDGR(SupervisedTemplate):
     :param augment: a random transformation of input batches applied alike
         to the solver's minibatches and to the replay (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`); ``None`` for none.
-    :param generator_preload: keep the experience's data in memory, through its
-        transforms, for the diffusion model's training (faster; random
-        augmentations would be drawn once: see
+    :param generator_preload: the diffusion model learns from the experience's
+        data held in memory as tensors (``preload`` of
         :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
     :param generator_train_after_last: train the generator on the stream's
         last experience too; ``False`` skips it where nothing will replay the
