@@ -96,11 +96,8 @@ class DDGR(SupervisedTemplate):
     :param generator_preload: the diffusion model learns from the experience's
         data held in memory as tensors (``preload`` of
         :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
-    :param generator_train_after_last: train the generator on the stream's
-        last experience too; ``False`` skips it where nothing will replay the
-        generator afterwards (see
-        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`'s
-        ``train_after_last``).
+    :param generator_train_after_last: ``False`` trains no generator on the
+        stream's last experience (as in :class:`~avl_genreplay.strategies.DGR`).
     :param progress_bar: show the diffusion model's and the sampling's
         progress bars.
     :param train_mb_size: the solver's minibatch size.

@@ -126,11 +126,8 @@ class DGM(SupervisedTemplate):
         transforms, for the generator's training (faster; random augmentations
         would be drawn once: see
         :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
-    :param generator_train_after_last: train the generator on the stream's
-        last experience too; ``False`` skips it where nothing will replay the
-        generator afterwards (see
-        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`'s
-        ``train_after_last``).
+    :param generator_train_after_last: ``False`` trains no generator on the
+        stream's last experience (as in :class:`~avl_genreplay.strategies.DGR`).
     :param progress_bar: show the generator's progress bar.
     :param train_mb_size: the solver's minibatch size.
     :param train_epochs: the solver's epochs per experience.
