@@ -239,6 +239,20 @@ def _in_memory(dataset, num_workers: int = 0) -> TensorDataset:
     return TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
+def _is_last(experience) -> bool:
+    """Whether ``experience`` is the last of its stream."""
+    try:
+        stream = experience.origin_stream
+    except (AttributeError, AssertionError):  # Avalanche asserts it is set
+        stream = None
+    if stream is None:
+        raise ValueError(
+            "train_after_last=False needs to know the stream's length, but the "
+            "experience has no origin_stream"
+        )
+    return experience.current_experience == len(stream) - 1
+
+
 class GeneratorTrainingPlugin(SupervisedPlugin):
     """Trains a generator on each experience's data plus its own replay.
 
@@ -277,6 +291,14 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         a :class:`TrainingGuard` or a factory of one; ``None`` for none. The
         default rolls a failing generator back and stops the run after three
         failures in an experience (see :class:`TrainingGuard`).
+    :param train_after_last: train the generator on the last experience of
+        its stream too. ``False`` skips that training (the bookkeeping still
+        runs): nothing replays the generator after the stream's last
+        experience, so a run that ends with its stream (e.g. a benchmark)
+        saves a share of its generator training, with the same solver. Leave
+        it on to continue training on more experiences later. The last
+        experience is the one whose ``current_experience`` is the last index
+        of its ``origin_stream``.
     """
 
     def __init__(
@@ -293,6 +315,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         num_workers: int = 0,
         preload: bool = False,
         guard: Union[TrainingGuard, Callable[[], TrainingGuard], None] = TrainingGuard,
+        train_after_last: bool = True,
     ):
         super().__init__()
         if schedule not in _SCHEDULES:
@@ -323,6 +346,8 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         self.learning_check = LearningCheck(type(self).__name__)
         # a factory, as Avalanche's evaluator: no guard shared by two plugins
         self.guard: Optional[TrainingGuard] = guard() if callable(guard) else guard
+        self.train_after_last = train_after_last
+        self._skip_experience = False
 
     def current_replay_share(self) -> float:
         if not self.past:
@@ -350,15 +375,18 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         else:
             self.old_generator = frozen_copy(self.generator)
         self.experience_index = strategy.experience.current_experience
+        self._skip_experience = not self.train_after_last and _is_last(
+            strategy.experience
+        )
         self.trainer.start_experience(self.experience_index)
 
     def after_training_iteration(self, strategy, **kwargs):
-        if self.schedule == "alongside":
+        if self.schedule == "alongside" and not self._skip_experience:
             real_y = strategy.mb_y if is_conditional(self.generator) else None
             self._train_step(strategy.mb_x, real_y, strategy.device)
 
     def after_training_exp(self, strategy, **kwargs):
-        if self.schedule == "after":
+        if self.schedule == "after" and not self._skip_experience:
             self._train_on_experience(strategy)
         self.trainer.end_experience(self.experience_index)
         self.past.add(

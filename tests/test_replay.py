@@ -536,6 +536,76 @@ def test_preloaded_data_gives_the_generator_the_same_batches(tiny_stream):
     assert all(torch.equal(a, b) for a, b in zip(loaded, preloaded))
 
 
+@pytest.mark.parametrize("schedule", ["after", "alongside"])
+def test_without_train_after_last_the_last_experience_trains_no_generator(
+    tiny_stream, schedule
+):
+    def steps_per_experience(train_after_last):
+        trainer = RecordingTrainer(ConvGenerator(SHAPE, channels=8))
+        plugin = GeneratorTrainingPlugin(
+            trainer,
+            train_iterations=2,
+            schedule=schedule,
+            progress_bar=False,
+            train_after_last=train_after_last,
+        )
+        strategy = naive_with(plugin)
+        strategy.train_mb_size = 16
+        counts = []
+        for experience in tiny_stream.train_stream:
+            strategy.train(experience)
+            counts.append(len(trainer.batches) - sum(counts))
+        return counts, plugin
+
+    # 3 experiences: the last one of the stream is skipped, the others not
+    assert steps_per_experience(True)[0] == [2, 2, 2]
+    counts, plugin = steps_per_experience(False)
+    assert counts == [2, 2, 0]
+    # the bookkeeping still runs
+    assert plugin.past.experiences == 3
+
+
+def test_train_after_last_needs_the_experiences_stream():
+    plugin = GeneratorTrainingPlugin(
+        RecordingTrainer(ConvGenerator(SHAPE, channels=8)),
+        progress_bar=False,
+        train_after_last=False,
+    )
+    # an experience that does not know its stream (no origin_stream)
+    strategy = SimpleNamespace(
+        device="cpu", experience=SimpleNamespace(current_experience=0)
+    )
+    with pytest.raises(ValueError, match="origin_stream"):
+        plugin.before_training_exp(strategy)
+
+
+def _conditional(strategy_class):
+    """A builder of a class-conditional strategy (DGM, DDGR) on SHAPE."""
+
+    def build(model, **kwargs):
+        return strategy_class(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            input_shape=SHAPE,
+            num_classes=6,
+            evaluator=quiet(),
+            **kwargs,
+        )
+
+    return build
+
+
+@pytest.mark.parametrize(
+    "build",
+    [small_dgr, _conditional(DGM), _conditional(DDGR)],
+    ids=["dgr", "dgm", "ddgr"],
+)
+def test_strategies_pass_generator_train_after_last_on(build):
+    assert build(solver()).generator_plugin.train_after_last
+    strategy = build(solver(), generator_train_after_last=False)
+    assert not strategy.generator_plugin.train_after_last
+
+
 def test_dgr_passes_its_generator_replay_share_on():
     model = solver()
     strategy = DGR(

@@ -34,6 +34,7 @@ __all__ = [
     "RUNS_FOLDER",
     "experience_count_problem",
     "make_plan",
+    "read_protocol",
 ]
 
 # the results committed with the repository: written only on purpose, through
@@ -237,7 +238,7 @@ def _solver_problems(solver: dict, source: str) -> List[str]:
     return problems
 
 
-def _protocol(config: dict, name: str, source: str) -> Tuple[dict, List[str]]:
+def read_protocol(config: dict, name: str, source: str) -> Tuple[dict, List[str]]:
     """The named protocol (``[protocol]`` updated by ``[protocols.NAME]``) as
     recorded in results, and the problems found in any of the config's
     protocols (a typo in one not run now would show in a later command)."""
@@ -354,7 +355,7 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
     if args.epochs is not None:
         solver["train_epochs"] = args.epochs
     problems += _solver_problems(solver, source)
-    protocol, protocol_problems = _protocol(config, args.protocol, source)
+    protocol, protocol_problems = read_protocol(config, args.protocol, source)
     problems += protocol_problems
     n_experiences = (
         args.experiences

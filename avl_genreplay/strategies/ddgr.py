@@ -93,6 +93,11 @@ class DDGR(SupervisedTemplate):
     :param augment: a random transformation of input batches applied alike
         to the solver's minibatches and to the replay (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`); ``None`` for none.
+    :param generator_preload: the diffusion model learns from the experience's
+        data held in memory as tensors (``preload`` of
+        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
+    :param generator_train_after_last: ``False`` trains no generator on the
+        stream's last experience (as in :class:`~avl_genreplay.strategies.DGR`).
     :param progress_bar: show the diffusion model's and the sampling's
         progress bars.
     :param train_mb_size: the solver's minibatch size.
@@ -131,6 +136,8 @@ class DDGR(SupervisedTemplate):
         soft_targets: bool = True,
         temperature: float = 2.0,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
+        generator_preload: bool = False,
+        generator_train_after_last: bool = True,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -189,6 +196,8 @@ class DDGR(SupervisedTemplate):
             train_iterations=generator_iterations,
             train_mb_size=generator_mb_size,
             replay_generator=self.pool,
+            preload=generator_preload,
+            train_after_last=generator_train_after_last,
             progress_bar=progress_bar,
             # a check samples through the whole reverse process: keep it small
             guard=TrainingGuard(check_samples=32, check_every=250),

@@ -126,6 +126,8 @@ class DGM(SupervisedTemplate):
         transforms, for the generator's training (faster; random augmentations
         would be drawn once: see
         :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
+    :param generator_train_after_last: ``False`` trains no generator on the
+        stream's last experience (as in :class:`~avl_genreplay.strategies.DGR`).
     :param progress_bar: show the generator's progress bar.
     :param train_mb_size: the solver's minibatch size.
     :param train_epochs: the solver's epochs per experience.
@@ -173,6 +175,7 @@ class DGM(SupervisedTemplate):
         temperature: float = 2.0,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
         generator_preload: bool = False,
+        generator_train_after_last: bool = True,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -262,6 +265,7 @@ class DGM(SupervisedTemplate):
             train_mb_size=generator_mb_size,
             replay_share=generator_replay_share,
             preload=generator_preload,
+            train_after_last=generator_train_after_last,
             progress_bar=progress_bar,
         )
         super().__init__(

@@ -73,6 +73,11 @@ class DGR(SupervisedTemplate):
         transforms, for the generator's training (faster; random augmentations
         would be drawn once: see
         :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`).
+    :param generator_train_after_last: train the generator on the stream's
+        last experience too; ``False`` skips it where nothing will replay the
+        generator afterwards (see
+        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`'s
+        ``train_after_last``).
     :param progress_bar: show the generator's progress bar.
     :param train_mb_size: the solver's minibatch size.
     :param train_epochs: the solver's epochs per experience.
@@ -107,6 +112,7 @@ class DGR(SupervisedTemplate):
         balance_classes: bool = False,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
         generator_preload: bool = False,
+        generator_train_after_last: bool = True,
         progress_bar: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
@@ -154,6 +160,7 @@ class DGR(SupervisedTemplate):
             schedule=generator_schedule,
             replay_share=generator_replay_share,
             preload=generator_preload,
+            train_after_last=generator_train_after_last,
             progress_bar=progress_bar,
         )
         super().__init__(
