@@ -38,7 +38,11 @@ from torchvision.utils import make_grid
 
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
 from avl_genreplay.reference import Data, features_and_logits, load_tensors
-from avl_genreplay.replay import SolverReplayPlugin, experience_classes
+from avl_genreplay.replay import (
+    SolverReplayPlugin,
+    experience_classes,
+    is_conditional,
+)
 
 __all__ = [
     "ReplaySamples",
@@ -93,10 +97,6 @@ def _eval_mode(module):
             module.train(training)
 
 
-def _is_conditional(generator: Generator) -> bool:
-    return getattr(generator, "num_classes", None) is not None
-
-
 @torch.no_grad()
 def _generate(
     generator: Generator, classes: Sequence[int], n: int, batch_size: int, device
@@ -106,7 +106,7 @@ def _generate(
     class requested of each sample (``None`` if unconditional)."""
     requested = None
     total = n * len(classes)
-    if _is_conditional(generator):
+    if is_conditional(generator):
         requested = torch.tensor(list(classes)).repeat_interleave(n)
     chunks = []
     for start in range(0, total, batch_size):
