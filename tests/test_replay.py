@@ -332,24 +332,60 @@ def test_soft_targets_distil_over_past_classes(tiny_stream):
         assert torch.isfinite(record["loss"])
 
 
-def test_task_incremental_replay_passes_task_labels_to_the_heads():
+def _multitask_calls(model):
+    """Records, at each call of ``model`` on a replayed batch, the task labels
+    it was given and whether each sample's output is its task's head's."""
+    calls = []
+
+    def hook(module, args, output):
+        if module is not model:  # the old solver, a deep copy, has the hook too
+            return
+        x, tasks = args
+        with torch.no_grad():
+            heads_agree = all(
+                torch.allclose(
+                    output[tasks == task],
+                    module.forward_single_task(x[tasks == task], int(task)),
+                    atol=1e-6,
+                )
+                for task in tasks.unique()
+            )
+        calls.append((x, tasks.clone(), heads_agree))
+
+    model.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_task_incremental_replay_reaches_the_head_of_its_task(conditional):
+    """Each replayed sample carries the task label of its class and is scored
+    by that task's head (a MultiTaskModule's), not by head 0."""
     stream = synthetic_benchmark(
         input_shape=SHAPE, num_classes=6, n_experiences=3, per_class=16, scenario="task"
     )
     model = as_multitask(solver(), "classifier")
-    strategy = small_dgr(model)
+    generator = ConvGenerator(SHAPE, channels=8, num_classes=6 if conditional else None)
+    strategy = small_dgr(model, generator=generator)
     recorder = Recorder(strategy.replay_plugin)
     strategy.plugins.append(recorder)
+    calls = _multitask_calls(model)
     for experience in stream.train_stream:
         strategy.train(experience)
-    for record in recorder.of(2):
+    records = recorder.of(2)
+    assert records
+    assert {t for r in records for t in r["replay"].t.tolist()} == {0, 1}
+    task_of_class = {0: 0, 1: 0, 2: 1, 3: 1}
+    for record in records:
         replay = record["replay"]
-        assert set(replay.t.tolist()) == {0, 1}
-        for task, classes in ((0, {0, 1}), (1, {2, 3})):
-            assert set(replay.y[replay.t == task].tolist()) <= classes
+        assert replay.t.tolist() == [task_of_class[c] for c in replay.y.tolist()]
+        tasks, heads_agree = next((t, agree) for x, t, agree in calls if x is replay.x)
+        assert torch.equal(tasks, replay.t) and heads_agree
 
 
-def test_domain_incremental_replay_uses_the_shared_labels():
+@pytest.mark.parametrize("soft_targets", [False, True])
+def test_domain_incremental_replay_keeps_to_the_past_classes(soft_targets):
+    """With more outputs (6) than classes per experience (2), replayed labels
+    and distillation targets stay on the classes the past experiences had."""
     stream = synthetic_benchmark(
         input_shape=SHAPE,
         num_classes=6,
@@ -357,14 +393,18 @@ def test_domain_incremental_replay_uses_the_shared_labels():
         per_class=16,
         scenario="domain",
     )
-    strategy = small_dgr(solver(num_classes=2))
+    strategy = small_dgr(solver(num_classes=6), soft_targets=soft_targets)
     recorder = Recorder(strategy.replay_plugin)
     strategy.plugins.append(recorder)
     for experience in stream.train_stream:
+        assert experience_classes(experience) == [0, 1]
         strategy.train(experience)
     assert recorder.of(2)
     for record in recorder.of(2):
-        assert set(record["replay"].y.tolist()) <= {0, 1}
+        replay = record["replay"]
+        assert set(replay.y.tolist()) <= {0, 1}
+        if soft_targets:
+            assert torch.all(F.softmax(replay.logits, dim=1)[:, 2:] < 1e-6)
 
 
 def test_conditional_generator_replays_each_past_class_equally(tiny_stream):
