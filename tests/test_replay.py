@@ -1,5 +1,6 @@
 """The method-agnostic solver replay plugin and the generator-training plugin."""
 
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import MlpVAE, SimpleMLP, as_multitask
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin
+from torch import nn
 
 from avl_genreplay.bench.data import synthetic_benchmark
 from avl_genreplay.generator_training import GeneratorTrainingPlugin, TrainingGuard
@@ -17,6 +19,7 @@ from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
 from avl_genreplay.replay import (
     SolverReplayPlugin,
     UntrainedGeneratorWarning,
+    distillation_loss,
     experience_classes,
     experience_task_label,
 )
@@ -781,3 +784,65 @@ def test_task_labels_of_an_experience():
     assert experience_task_label(SimpleNamespace()) == 0
     with pytest.raises(ValueError, match="several task labels"):
         experience_task_label(SimpleNamespace(task_labels=[0, 1]))
+
+
+def test_distillation_loss_is_the_masked_tempered_kl_times_t_squared():
+    """Two samples, three classes, T = 2: the teacher's class 2 is masked for
+    the first sample (its logit, 5, would otherwise dominate)."""
+    t = 2.0
+    student = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, t * math.log(2)]])
+    teacher = torch.tensor([[0.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    allowed = torch.tensor([[True, True, False], [True, True, True]])
+    # sample 0: q = (1/2, 1/2, 0), p = (1/3, 1/3, 1/3)
+    kl_0 = math.log(3 / 2)
+    # sample 1: q = (1/3, 1/3, 1/3), p = (1/4, 1/4, 1/2)
+    kl_1 = 2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)
+    plain = distillation_loss(student, teacher, allowed, t)
+    assert plain.item() == pytest.approx(t**2 * (kl_0 + kl_1) / 2, rel=1e-5)
+    weights = torch.tensor([0.25, 0.75])
+    weighted = distillation_loss(student, teacher, allowed, t, weights)
+    assert weighted.item() == pytest.approx(
+        t**2 * (0.25 * kl_0 + 0.75 * kl_1), rel=1e-5
+    )
+
+
+class FixedConditional(nn.Module):
+    """A class-conditional stand-in generator: blank images, the classes it
+    was asked for recorded."""
+
+    num_classes = 6
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def generate(self, n, condition):
+        self.asked.append(condition.clone())
+        return torch.zeros(n, *SHAPE)
+
+
+class Prefers(nn.Module):
+    """A solver whose logits rank class 5 (not yet seen) first and class 1
+    second, whatever the input."""
+
+    def forward(self, x):
+        logits = torch.tensor([0.0, 2.0, 1.0, 0.5, -1.0, 9.0])
+        return logits.expand(len(x), -1)
+
+
+@pytest.mark.parametrize("relabel", [False, True])
+def test_relabel_takes_the_old_solvers_arg_max_over_past_classes(relabel):
+    plugin = SolverReplayPlugin(FixedConditional(), relabel=relabel)
+    plugin.past.add(0, [0, 1])
+    plugin.past.add(0, [2, 3])
+    plugin.old_generator = plugin.generator
+    plugin.old_solver = Prefers()
+    replay = plugin.sample(8, torch.device("cpu"))
+    requested = plugin.generator.asked[-1]
+    assert sorted(requested.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    if relabel:
+        # the solver disagrees with the requested class: its pick among the
+        # past classes (1), not its overall favourite (5), is the label
+        assert replay.y.tolist() == [1] * 8
+    else:
+        assert torch.equal(replay.y, requested)
