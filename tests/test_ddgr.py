@@ -210,7 +210,47 @@ class LabelRecordingTrainer(DDPMTrainer):
         return super().train_step(x, y)
 
 
-def test_the_replay_pool_holds_past_classes_in_shape_and_range(tiny_stream):
+def test_guidance_on_xt_takes_the_gradient_at_the_noisy_input():
+    """``guide_on="xt"``: the classifier sees the noisy images the denoiser
+    gets (in the data's range), not the predicted clean ones, and its gradient
+    moves the samples toward the requested class."""
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(data_range=(3.0, 5.0))
+    generator.eval()
+    noisy_inputs, guided_inputs = [], []
+    predict_noise = generator.predict_noise
+
+    def recording_predict_noise(noisy, t, condition=None):
+        noisy_inputs.append(noisy.clone())
+        return predict_noise(noisy, t, condition)
+
+    generator.predict_noise = recording_predict_noise
+
+    def log_prob(images, labels):
+        # a two-class logistic classifier on the mean brightness: class 0 for
+        # bright images, class 1 for dark ones
+        brightness = images.mean(dim=(1, 2, 3)) - 4.0
+        logits = torch.stack([brightness, -brightness], 1) * 4
+        guided_inputs.append(images.detach().clone())
+        return F.log_softmax(logits, 1).gather(1, labels.view(-1, 1))[:, 0]
+
+    wanted = torch.tensor([0, 1]).repeat(4)
+
+    def samples(scale):
+        noisy_inputs.clear(), guided_inputs.clear()
+        return generator.sample(
+            8, wanted, guidance=log_prob, guidance_scale=scale, guide_on="xt", seed=0
+        )
+
+    plain, guided = samples(0.0), samples(5.0)
+    assert len(guided_inputs) == len(noisy_inputs) == generator.sampling_steps
+    for noisy, seen in zip(noisy_inputs, guided_inputs):
+        torch.testing.assert_close(seen, generator.to_data_range(noisy))
+    shift = guided.mean(dim=(1, 2, 3)) - plain.mean(dim=(1, 2, 3))
+    assert torch.all(shift[wanted == 0] > 0) and torch.all(shift[wanted == 1] < 0)
+
+
+def test_the_replay_pool_holds_past_classes_in_the_datas_range(tiny_stream):
     torch.manual_seed(0)
     model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
     strategy = DDGR(
@@ -241,8 +281,11 @@ def test_the_replay_pool_holds_past_classes_in_shape_and_range(tiny_stream):
             continue
         assert pool.x.shape == (10 * len(past), *SHAPE)
         assert torch.isfinite(pool.x).all()
+        # in the data's range, calibrated on the first experience: its
+        # standard-normal pixels reach well beyond the default [-1, 1]
         low, high = strategy.generator.range_low, strategy.generator.range_high
-        assert (pool.x >= low - 1e-5).all() and (pool.x <= high + 1e-5).all()
+        assert low.item() < -2 and high.item() > 2
+        assert pool.x.min() < -1 and pool.x.max() > 1
         assert torch.bincount(pool.y, minlength=6)[past].tolist() == [10] * len(past)
         assert sorted(pool.y.unique().tolist()) == past
         # replay reached the solver, labelled with past classes only

@@ -42,7 +42,15 @@ def test_example_trains_and_evaluates(example, own_arguments, data_root, monkeyp
         trained.append((sorted(set(targets)), len(targets)))
         return train(strategy, experiences, *args, **kwargs)
 
+    evaluated = []  # the test-experience sizes of each evaluation
+    evaluate = SupervisedTemplate.eval
+
+    def recording_eval(strategy, experiences, *args, **kwargs):
+        evaluated.append([len(e.dataset) for e in experiences])
+        return evaluate(strategy, experiences, *args, **kwargs)
+
     monkeypatch.setattr(SupervisedTemplate, "train", recording_train)
+    monkeypatch.setattr(SupervisedTemplate, "eval", recording_eval)
     results = _load(example).main(
         [
             "--data-root",
@@ -57,7 +65,16 @@ def test_example_trains_and_evaluates(example, own_arguments, data_root, monkeyp
         ]
     )
     accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
-    assert 0.0 < accuracy <= 1.0
+    # the final evaluation covers the two experiences seen, and the stream's
+    # accuracy is their accuracies weighted by their test sizes
+    sizes = evaluated[-1]
+    assert len(sizes) == 2
+    per_experience = [
+        results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp00{i}"]
+        for i in range(2)
+    ]
+    weighted = sum(a * n for a, n in zip(per_experience, sizes)) / sum(sizes)
+    assert accuracy == pytest.approx(weighted)
     # a random subset of each experience: both its classes, not the first one's
     assert trained == [([0, 1], 256), ([2, 3], 256)]
 

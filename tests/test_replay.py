@@ -1,5 +1,6 @@
 """The method-agnostic solver replay plugin and the generator-training plugin."""
 
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import MlpVAE, SimpleMLP, as_multitask
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin
+from torch import nn
 
 from avl_genreplay.bench.data import synthetic_benchmark
 from avl_genreplay.generator_training import GeneratorTrainingPlugin, TrainingGuard
@@ -17,6 +19,7 @@ from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
 from avl_genreplay.replay import (
     SolverReplayPlugin,
     UntrainedGeneratorWarning,
+    distillation_loss,
     experience_classes,
     experience_task_label,
 )
@@ -332,24 +335,60 @@ def test_soft_targets_distil_over_past_classes(tiny_stream):
         assert torch.isfinite(record["loss"])
 
 
-def test_task_incremental_replay_passes_task_labels_to_the_heads():
+def _multitask_calls(model):
+    """Records, at each call of ``model`` on a replayed batch, the task labels
+    it was given and whether each sample's output is its task's head's."""
+    calls = []
+
+    def hook(module, args, output):
+        if module is not model:  # the old solver, a deep copy, has the hook too
+            return
+        x, tasks = args
+        with torch.no_grad():
+            heads_agree = all(
+                torch.allclose(
+                    output[tasks == task],
+                    module.forward_single_task(x[tasks == task], int(task)),
+                    atol=1e-6,
+                )
+                for task in tasks.unique()
+            )
+        calls.append((x, tasks.clone(), heads_agree))
+
+    model.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_task_incremental_replay_reaches_the_head_of_its_task(conditional):
+    """Each replayed sample carries the task label of its class and is scored
+    by that task's head (a MultiTaskModule's), not by head 0."""
     stream = synthetic_benchmark(
         input_shape=SHAPE, num_classes=6, n_experiences=3, per_class=16, scenario="task"
     )
     model = as_multitask(solver(), "classifier")
-    strategy = small_dgr(model)
+    generator = ConvGenerator(SHAPE, channels=8, num_classes=6 if conditional else None)
+    strategy = small_dgr(model, generator=generator)
     recorder = Recorder(strategy.replay_plugin)
     strategy.plugins.append(recorder)
+    calls = _multitask_calls(model)
     for experience in stream.train_stream:
         strategy.train(experience)
-    for record in recorder.of(2):
+    records = recorder.of(2)
+    assert records
+    assert {t for r in records for t in r["replay"].t.tolist()} == {0, 1}
+    task_of_class = {0: 0, 1: 0, 2: 1, 3: 1}
+    for record in records:
         replay = record["replay"]
-        assert set(replay.t.tolist()) == {0, 1}
-        for task, classes in ((0, {0, 1}), (1, {2, 3})):
-            assert set(replay.y[replay.t == task].tolist()) <= classes
+        assert replay.t.tolist() == [task_of_class[c] for c in replay.y.tolist()]
+        tasks, heads_agree = next((t, agree) for x, t, agree in calls if x is replay.x)
+        assert torch.equal(tasks, replay.t) and heads_agree
 
 
-def test_domain_incremental_replay_uses_the_shared_labels():
+@pytest.mark.parametrize("soft_targets", [False, True])
+def test_domain_incremental_replay_keeps_to_the_past_classes(soft_targets):
+    """With more outputs (6) than classes per experience (2), replayed labels
+    and distillation targets stay on the classes the past experiences had."""
     stream = synthetic_benchmark(
         input_shape=SHAPE,
         num_classes=6,
@@ -357,14 +396,18 @@ def test_domain_incremental_replay_uses_the_shared_labels():
         per_class=16,
         scenario="domain",
     )
-    strategy = small_dgr(solver(num_classes=2))
+    strategy = small_dgr(solver(num_classes=6), soft_targets=soft_targets)
     recorder = Recorder(strategy.replay_plugin)
     strategy.plugins.append(recorder)
     for experience in stream.train_stream:
+        assert experience_classes(experience) == [0, 1]
         strategy.train(experience)
     assert recorder.of(2)
     for record in recorder.of(2):
-        assert set(record["replay"].y.tolist()) <= {0, 1}
+        replay = record["replay"]
+        assert set(replay.y.tolist()) <= {0, 1}
+        if soft_targets:
+            assert torch.all(F.softmax(replay.logits, dim=1)[:, 2:] < 1e-6)
 
 
 def test_conditional_generator_replays_each_past_class_equally(tiny_stream):
@@ -741,3 +784,65 @@ def test_task_labels_of_an_experience():
     assert experience_task_label(SimpleNamespace()) == 0
     with pytest.raises(ValueError, match="several task labels"):
         experience_task_label(SimpleNamespace(task_labels=[0, 1]))
+
+
+def test_distillation_loss_is_the_masked_tempered_kl_times_t_squared():
+    """Two samples, three classes, T = 2: the teacher's class 2 is masked for
+    the first sample (its logit, 5, would otherwise dominate)."""
+    t = 2.0
+    student = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, t * math.log(2)]])
+    teacher = torch.tensor([[0.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    allowed = torch.tensor([[True, True, False], [True, True, True]])
+    # sample 0: q = (1/2, 1/2, 0), p = (1/3, 1/3, 1/3)
+    kl_0 = math.log(3 / 2)
+    # sample 1: q = (1/3, 1/3, 1/3), p = (1/4, 1/4, 1/2)
+    kl_1 = 2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)
+    plain = distillation_loss(student, teacher, allowed, t)
+    assert plain.item() == pytest.approx(t**2 * (kl_0 + kl_1) / 2, rel=1e-5)
+    weights = torch.tensor([0.25, 0.75])
+    weighted = distillation_loss(student, teacher, allowed, t, weights)
+    assert weighted.item() == pytest.approx(
+        t**2 * (0.25 * kl_0 + 0.75 * kl_1), rel=1e-5
+    )
+
+
+class FixedConditional(nn.Module):
+    """A class-conditional stand-in generator: blank images, the classes it
+    was asked for recorded."""
+
+    num_classes = 6
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def generate(self, n, condition):
+        self.asked.append(condition.clone())
+        return torch.zeros(n, *SHAPE)
+
+
+class Prefers(nn.Module):
+    """A solver whose logits rank class 5 (not yet seen) first and class 1
+    second, whatever the input."""
+
+    def forward(self, x):
+        logits = torch.tensor([0.0, 2.0, 1.0, 0.5, -1.0, 9.0])
+        return logits.expand(len(x), -1)
+
+
+@pytest.mark.parametrize("relabel", [False, True])
+def test_relabel_takes_the_old_solvers_arg_max_over_past_classes(relabel):
+    plugin = SolverReplayPlugin(FixedConditional(), relabel=relabel)
+    plugin.past.add(0, [0, 1])
+    plugin.past.add(0, [2, 3])
+    plugin.old_generator = plugin.generator
+    plugin.old_solver = Prefers()
+    replay = plugin.sample(8, torch.device("cpu"))
+    requested = plugin.generator.asked[-1]
+    assert sorted(requested.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    if relabel:
+        # the solver disagrees with the requested class: its pick among the
+        # past classes (1), not its overall favourite (5), is the label
+        assert replay.y.tolist() == [1] * 8
+    else:
+        assert torch.equal(replay.y, requested)
