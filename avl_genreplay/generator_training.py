@@ -253,6 +253,22 @@ def _is_last(experience) -> bool:
     return experience.current_experience == len(stream) - 1
 
 
+class _LossMeans:
+    """Running means of a training step's losses, by name."""
+
+    def __init__(self):
+        self.totals: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+
+    def add(self, losses: Dict[str, float]) -> None:
+        for name, value in losses.items():
+            self.totals[name] = self.totals.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def result(self) -> Dict[str, float]:
+        return {name: self.totals[name] / self.counts[name] for name in self.totals}
+
+
 class GeneratorTrainingPlugin(SupervisedPlugin):
     """Trains a generator on each experience's data plus its own replay.
 
@@ -379,15 +395,20 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             strategy.experience
         )
         self.trainer.start_experience(self.experience_index)
+        self._alongside = _LossMeans()
 
     def after_training_iteration(self, strategy, **kwargs):
         if self.schedule == "alongside" and not self._skip_experience:
             real_y = strategy.mb_y if is_conditional(self.generator) else None
-            self._train_step(strategy.mb_x, real_y, strategy.device)
+            self._alongside.add(
+                self._train_step(strategy.mb_x, real_y, strategy.device)
+            )
 
     def after_training_exp(self, strategy, **kwargs):
         if self.schedule == "after" and not self._skip_experience:
             self._train_on_experience(strategy)
+        if self.schedule == "alongside" and self._alongside.counts:
+            self.loss_history.append(self._alongside.result())
         self.trainer.end_experience(self.experience_index)
         self.past.add(
             experience_task_label(strategy.experience),
@@ -437,8 +458,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
                 solver=strategy.model,
                 device=strategy.device,
             )
-        totals: Dict[str, float] = {}
-        counts: Dict[str, int] = {}
+        means = _LossMeans()
         done = 0
         try:
             for x, y, *_ in self._batches(loader):
@@ -457,9 +477,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
                     bar.reset(total=iterations)
                     bar.update(done)
                     continue
-                for name, value in losses.items():
-                    totals[name] = totals.get(name, 0.0) + value
-                    counts[name] = counts.get(name, 0) + 1
+                means.add(losses)
                 bar.update(1)
                 if done % 50 == 0:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
@@ -467,7 +485,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             bar.close()
             if guard is not None:
                 guard.end_experience()
-        self.loss_history.append({k: totals[k] / counts[k] for k in totals})
+        self.loss_history.append(means.result())
 
     def _train_step(
         self,

@@ -503,10 +503,13 @@ class RecordingTrainer(WGANGPTrainer):
     def __init__(self, generator, **kwargs):
         super().__init__(generator, **kwargs)
         self.batches = []
+        self.losses = []
 
     def train_step(self, x, y=None):
         self.batches.append(x.clone())
-        return super().train_step(x, y)
+        losses = super().train_step(x, y)
+        self.losses.append(losses)
+        return losses
 
 
 def naive_with(plugin):
@@ -548,6 +551,10 @@ def test_alongside_the_generator_takes_the_solvers_minibatches_plus_replay(
     strategy.train(tiny_stream.train_stream[1])
     # then each step adds as much replay as real data (share 0.5)
     assert [len(x) for x in trainer.batches[4:]] == [16] * 4
+    # the losses of each experience's steps, averaged, as with "after"
+    assert len(plugin.loss_history) == 2
+    last = [trainer.losses[i]["critic"] for i in range(4, 8)]
+    assert plugin.loss_history[1]["critic"] == pytest.approx(sum(last) / 4)
 
 
 def test_train_epochs_sets_the_generator_steps_from_the_data(tiny_stream):
