@@ -186,8 +186,10 @@ def bench(plan: Plan) -> int:
     pending = [run for run in plan.runs if run not in done]
     if done:
         print(f"== resuming: {len(done)} runs finished, {len(pending)} to go")
-    resume_hint = shlex.join(plan.command.split()[:1] + _resume_arguments(plan))
-    print(f"== results in {plan.output}; if cut off, continue with: {resume_hint}")
+    print(
+        f"== results in {plan.output}; if cut off, continue with: "
+        f"{_resume_command(plan)}"
+    )
     for record in runner.run_plan(plan, pending, store.resume_paths):
         summary = store.add(record)
         report.write_markdown(markdown, title, summary, complete=False)
@@ -209,15 +211,15 @@ def bench(plan: Plan) -> int:
     return 0
 
 
-def _resume_arguments(plan: Plan) -> List[str]:
+def _resume_command(plan: Plan) -> str:
     """The plan's command with ``--resume`` and its output folder."""
-    arguments = plan.command.split()[1:]
+    program, *arguments = plan.command.split()
     for flag in ("--update", "--overwrite", "--resume"):
         while flag in arguments:
             arguments.remove(flag)
     if "--output" not in arguments:
         arguments += ["--output", str(plan.output)]
-    return arguments + ["--resume"]
+    return shlex.join([program, *arguments, "--resume"])
 
 
 def main(argv: Optional[List[str]] = None) -> int:

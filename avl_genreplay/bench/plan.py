@@ -23,6 +23,7 @@ from avl_genreplay.bench.strategies import (
     PROTOCOL_KEYS,
     SOLVER_MODELS,
     STRATEGIES,
+    input_transform,
     setting_parameters,
 )
 from avl_genreplay.devices import check_device
@@ -242,8 +243,6 @@ def read_protocol(config: dict, name: str, source: str) -> Tuple[dict, List[str]
     """The named protocol (``[protocol]`` updated by ``[protocols.NAME]``) as
     recorded in results, and the problems found in any of the config's
     protocols (a typo in one not run now would show in a later command)."""
-    from avl_genreplay.bench.strategies import input_transform
-
     named = config.get("protocols", {})
     problems = []
     if name != "plain" and name not in named:
@@ -386,8 +385,6 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         problems.append(f"--threads must be >= 1, got {args.threads}")
     if args.jobs < 1:
         problems.append(f"--jobs must be >= 1, got {args.jobs}")
-    if sum((args.update, args.overwrite, args.resume)) > 1:
-        problems.append("--update, --overwrite and --resume exclude each other")
     root = data.resolve_data_root(args.data_root)
     try:
         data.check_data_root(spec, root)

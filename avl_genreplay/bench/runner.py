@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import statistics
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,13 +155,17 @@ def reference_classifier(plan: Plan, verbose: bool = True):
     )
 
 
-def _replay_quality_metrics(plan: Plan, name: str, benchmark, interactive: bool):
-    if not plan.replay_quality or name not in GENERATIVE or plan.scenario != "class":
+def _measures_replay_quality(plan: Plan, name: str) -> bool:
+    return plan.replay_quality and name in GENERATIVE and plan.scenario == "class"
+
+
+def _replay_quality_metrics(plan: Plan, name: str, benchmark, reference):
+    if not _measures_replay_quality(plan, name):
         return []
     from avl_genreplay.metrics import replay_quality_metrics
 
     return replay_quality_metrics(
-        reference_classifier(plan, verbose=interactive),
+        reference,
         benchmark.test_stream,
         samples_per_class=100,
         grid=plan.tensorboard,
@@ -402,12 +405,15 @@ def run_planned(
     seed: int,
     resume_paths: Optional[Tuple[Path, Path]] = None,
     interactive: bool = True,
+    reference: Optional[torch.nn.Module] = None,
 ) -> dict:
     """One run of the plan, from its benchmark to its result record (the
     command and commit added).
 
     :param interactive: Avalanche's interactive logger and progress bars
         (off for runs in parallel processes, whose bars would interleave).
+    :param reference: the replay-quality metrics' reference classifier
+        (:func:`reference_classifier`); ``None`` to load it where needed.
     """
     from avl_genreplay.bench.report import ReplayImageSaver
 
@@ -419,6 +425,8 @@ def run_planned(
         seed=seed,
         first_experience_half=plan.first_half,
     )
+    if reference is None and _measures_replay_quality(plan, name):
+        reference = reference_classifier(plan, verbose=interactive)
     loggers = _loggers(plan, name, seed, interactive)
     saver = None
     if plan.images:
@@ -442,7 +450,7 @@ def run_planned(
                 device=torch.device(plan.device),
                 train_subset=plan.train_subset,
                 loggers=loggers,
-                metrics=_replay_quality_metrics(plan, name, benchmark, interactive),
+                metrics=_replay_quality_metrics(plan, name, benchmark, reference),
                 progress_bar=interactive,
                 protocol=plan.protocol,
                 normalization=data.BENCHMARKS[plan.benchmark].normalization,
@@ -492,12 +500,11 @@ def code_commit() -> Optional[str]:
     return rev + ("+dirty" if dirty else "")
 
 
-def _run_in_worker(plan: Plan, name: str, seed: int, resume_paths) -> dict:
+def _run_in_worker(plan: Plan, name: str, seed: int, resume_paths, reference) -> dict:
     """A run in a process of its own (``--jobs``): one torch thread unless
     the plan sets ``threads``."""
-    warnings.filterwarnings("ignore", message="no QP solver found")
     torch.set_num_threads(plan.threads or 1)
-    return run_planned(plan, name, seed, resume_paths, interactive=False)
+    return run_planned(plan, name, seed, resume_paths, False, reference)
 
 
 def run_plan(
@@ -511,23 +518,25 @@ def run_plan(
     process, so the records are those of a serial run)."""
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
-    if plan.replay_quality and any(name in GENERATIVE for name, _ in runs):
-        # trained here once, so that parallel runs load it from the cache
-        reference_classifier(plan)
+    # trained (or loaded from the cache) once, for every run that needs it
+    reference = None
+    if any(_measures_replay_quality(plan, name) for name, _ in runs):
+        reference = reference_classifier(plan)
     if plan.jobs == 1:
         for name, seed in runs:
             print(f"== {name}, seed {seed}", flush=True)
-            yield run_planned(plan, name, seed, resume_paths(name, seed))
+            yield run_planned(
+                plan, name, seed, resume_paths(name, seed), reference=reference
+            )
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=plan.jobs, mp_context=context) as pool:
-        futures = {
-            pool.submit(_run_in_worker, plan, name, seed, resume_paths(name, seed)): (
-                name,
-                seed,
+        futures = [
+            pool.submit(
+                _run_in_worker, plan, name, seed, resume_paths(name, seed), reference
             )
             for name, seed in runs
-        }
+        ]
         try:
             for future in as_completed(futures):
                 yield future.result()

@@ -116,12 +116,10 @@ class ResultsStore:
         self._resume_folder = plan.output / ".resume" / plan.stem
         self._runs: List[dict] = []
         self._earlier: List[dict] = []
-        self._earlier_settings: dict = {}
         if plan.update or plan.resume:
             old = self.read()
             if old is not None:
                 self._earlier = _runs_of(old)
-                self._earlier_settings = old.get("settings", {})
             if plan.resume and old is not None and old.get("settings"):
                 self._check_same_settings(old)
 
