@@ -10,7 +10,7 @@ generator step per solver iteration.
 
 import math
 from copy import deepcopy
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -33,7 +33,12 @@ from avl_genreplay.replay import (
     sample_past_inputs,
 )
 
-__all__ = ["GeneratorTrainingPlugin", "GeneratorTrainingError", "TrainingGuard"]
+__all__ = [
+    "GeneratorTrainingPlugin",
+    "GeneratorTrainingError",
+    "TrainingGuard",
+    "dataset_tensors",
+]
 
 
 class GeneratorTrainingError(RuntimeError):
@@ -227,16 +232,20 @@ class TrainingGuard:
 _SCHEDULES = ("after", "alongside")
 
 
-def _in_memory(dataset, num_workers: int = 0) -> TensorDataset:
-    """The dataset's inputs and labels, through its transforms, as tensors."""
+def dataset_tensors(
+    dataset, *, batch_size: int = 512, num_workers: int = 0
+) -> Tuple[Tensor, Tensor]:
+    """The dataset's inputs and labels, through its transforms, as two
+    tensors; the global random state is left as it was."""
     xs, ys = [], []
     # a data loader draws a seed from the global generator: restore it, so
-    # that training sees the same random numbers as without preloading
+    # that training sees the same random numbers as without loading
     with torch.random.fork_rng(devices=[]):
-        for x, y, *_ in DataLoader(dataset, batch_size=512, num_workers=num_workers):
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        for x, y, *_ in loader:
             xs.append(x)
-            ys.append(y)
-    return TensorDataset(torch.cat(xs), torch.cat(ys))
+            ys.append(torch.as_tensor(y))
+    return torch.cat(xs), torch.cat(ys)
 
 
 def _is_last(experience) -> bool:
@@ -432,7 +441,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         n_real = self.train_mb_size - n_replay
         dataset = strategy.experience.dataset.train()
         if self.preload:
-            dataset = _in_memory(dataset, self.num_workers)
+            dataset = TensorDataset(
+                *dataset_tensors(dataset, num_workers=self.num_workers)
+            )
         loader = DataLoader(
             dataset,
             batch_size=max(n_real, 1),

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from avalanche.benchmarks.utils import AvalancheDataset
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from avl_genreplay.generator_training import dataset_tensors
 
 __all__ = [
     "ReferenceClassifier",
@@ -144,14 +146,12 @@ def load_tensors(data: Data, *, batch_size: int = 1024) -> Tuple[Tensor, Tensor]
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
         return data[0], torch.as_tensor(data[1]).long()
     xs, ys = [], []
-    # a data loader draws a seed from the global generator: leave it as it was
-    with torch.random.fork_rng(devices=[]):
-        for dataset in _datasets(data):
-            if hasattr(dataset, "eval") and callable(dataset.eval):
-                dataset = dataset.eval()
-            for x, y, *_ in DataLoader(dataset, batch_size=batch_size):
-                xs.append(x)
-                ys.append(torch.as_tensor(y))
+    for dataset in _datasets(data):
+        if hasattr(dataset, "eval") and callable(dataset.eval):
+            dataset = dataset.eval()
+        x, y = dataset_tensors(dataset, batch_size=batch_size)
+        xs.append(x)
+        ys.append(y)
     return torch.cat(xs), torch.cat(ys).long()
 
 
