@@ -15,7 +15,12 @@ from avl_genreplay.bench.plan import _writable_problem
 from avl_genreplay.bench.config import load_config
 from avl_genreplay.bench.report import sampling_table
 from avl_genreplay.bench.runner import RunSpec, peak_ram_mb, run_strategy
-from avl_genreplay.bench.strategies import STRATEGIES
+from avl_genreplay.bench.strategies import (
+    STRATEGIES,
+    StrategyContext,
+    build_solver,
+    build_strategy,
+)
 
 
 def test_data_root_comes_from_the_flag_then_the_environment(monkeypatch, tmp_path):
@@ -316,6 +321,41 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     final = run["accuracy_matrix"][-1]
     assert len(final) == 2
     assert run["final_stream_acc"] == pytest.approx(sum(final) / 2)
+
+
+@pytest.mark.parametrize(
+    "scenario, settings, every_head",
+    [
+        ("task", {}, True),
+        ("class", {}, False),
+        ("domain", {}, False),
+        ("task", {"score_every_head": False}, False),
+    ],
+)
+def test_task_incremental_dgr_scores_replay_on_every_head(
+    scenario, settings, every_head
+):
+    """The harness's DGR scores each replayed sample on every past head in
+    the task-incremental scenario only, unless its config section says
+    otherwise; DGM and DDGR (class-conditional) keep to each sample's task."""
+    model = build_solver({"hidden_size": 8}, (1, 12, 12), 6, scenario)
+    ctx = StrategyContext(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        input_shape=(1, 12, 12),
+        num_classes=6,
+        train_mb_size=8,
+        train_epochs=1,
+        device=torch.device("cpu"),
+        evaluator=None,
+        plugins=[],
+        progress_bar=False,
+        scenario=scenario,
+    )
+    dgr = build_strategy("dgr", ctx, dict(settings))
+    assert dgr.replay_plugin.score_every_head is every_head
+    dgm = build_strategy("dgm_a", ctx, {"noise_dim": 8, "generator_channels": [8, 4]})
+    assert dgm.replay_plugin.score_every_head is False
 
 
 def test_peak_ram_ignores_readings_the_ram_thread_never_took():

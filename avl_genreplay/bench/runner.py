@@ -310,6 +310,7 @@ def run_strategy(
         augment=input_transform(spec.protocol.get("augment")),
         replay_mb_size=spec.protocol.get("replay_mb_size"),
         normalization=spec.normalization,
+        scenario=spec.scenario,
     )
     strategy = build_strategy(spec.strategy, ctx, spec.settings)
     train = [

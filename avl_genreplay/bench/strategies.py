@@ -65,6 +65,7 @@ class StrategyContext:
     augment: Optional[Callable] = None
     replay_mb_size: Optional[int] = None
     normalization: Optional[tuple] = None
+    scenario: str = "class"
 
     def template_kwargs(self, *, augment_inputs: bool = True) -> dict:
         """The template's arguments; with ``augment_inputs`` (and an input
@@ -241,6 +242,11 @@ def _dgr(ctx: StrategyContext, **settings):
 
     kwargs = ctx.template_kwargs(augment_inputs=False)
     settings.setdefault("progress_bar", ctx.progress_bar)
+    # task-incremental DGR scores its replay on every past head (van de Ven &
+    # Tolias, 2019): its unconditional GAN's samples carry no task. DGM's and
+    # DDGR's class-conditional generators draw samples of each past (task,
+    # class) pair, already scored on their own task's head.
+    settings.setdefault("score_every_head", ctx.scenario == "task")
     return DGR(input_shape=ctx.input_shape, **settings, **ctx.replay_kwargs(), **kwargs)
 
 
