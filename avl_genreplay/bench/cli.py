@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark", default="splitmnist", help=f"one of {sorted(data.BENCHMARKS)}"
     )
     bench.add_argument(
-        "--scenario", default="class", help="class, task or domain (incremental)"
+        "--scenario",
+        default=None,
+        help="class, task or domain (incremental); default: class, or domain for "
+        "permutedmnist, which has no other",
     )
     bench.add_argument(
         "--strategies",

@@ -112,6 +112,17 @@ class Plan:
         return data.BENCHMARKS[self.benchmark].num_classes
 
     @property
+    def solver_outputs(self) -> int:
+        """The solver's outputs, also the class-conditional generators'
+        classes (:func:`~avl_genreplay.bench.data.solver_outputs`)."""
+        return data.solver_outputs(
+            self.benchmark,
+            scenario=self.scenario,
+            n_experiences=self.n_experiences,
+            first_experience_half=self.first_half,
+        )
+
+    @property
     def results_path(self) -> Path:
         return self.output / f"{self.stem}.json"
 
@@ -126,6 +137,7 @@ class Plan:
             "scenario": f"{self.scenario}-incremental",
             "n_experiences": self.n_experiences,
             "train_subset": self.train_subset,
+            "solver_outputs": self.solver_outputs,
             "solver": self.solver,
             "protocol": self.protocol,
             "command": self.command,
@@ -137,10 +149,18 @@ class Plan:
 
 
 def experience_count_problem(
-    n_experiences: int, num_classes: int, first_half: bool = False
+    n_experiences: int,
+    num_classes: int,
+    first_half: bool = False,
+    *,
+    splits_classes: bool = True,
 ) -> Optional[str]:
     """Why a benchmark of ``num_classes`` classes cannot be split into
-    ``n_experiences`` experiences of equal class counts, or ``None``."""
+    ``n_experiences`` experiences of equal class counts, or ``None``. A
+    benchmark whose experiences each hold every class (``splits_classes``
+    false, e.g. PermutedMNIST) takes any number from 1."""
+    if not splits_classes:
+        return None if n_experiences >= 1 else "must be at least 1"
     if n_experiences < 1 or n_experiences > num_classes:
         return f"must lie in 1..{num_classes}"
     if first_half:
@@ -321,10 +341,16 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
             ]
         )
     spec = data.BENCHMARKS[args.benchmark]
-    if args.scenario not in data.SCENARIOS:
+    scenario = args.scenario or spec.scenarios[0]
+    if scenario not in data.SCENARIOS:
         problems.append(
-            f"unknown scenario {args.scenario!r}; choose from "
-            f"{', '.join(data.SCENARIOS)}"
+            f"unknown scenario {scenario!r}; choose from {', '.join(data.SCENARIOS)}"
+        )
+    elif scenario not in spec.scenarios:
+        problems.append(
+            f"--scenario {scenario}: {args.benchmark} has the "
+            f"{', '.join(spec.scenarios)}-incremental scenario only (each of "
+            f"its experiences holds every class)"
         )
     if args.first_half and args.benchmark != "splitcifar100":
         problems.append("--first-half applies to splitcifar100 only")
@@ -362,7 +388,9 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         else config.get("experiences", 5)
     )
     first_half = args.first_half and args.benchmark == "splitcifar100"
-    why = experience_count_problem(n_experiences, spec.num_classes, first_half)
+    why = experience_count_problem(
+        n_experiences, spec.num_classes, first_half, splits_classes=spec.splits_classes
+    )
     if why:
         problems.append(
             f"--experiences {n_experiences}: {args.benchmark} has "
@@ -390,7 +418,7 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         data.check_data_root(spec, root)
     except data.DataRootError as error:
         problems.append(str(error))
-    stem = f"{args.benchmark}_{args.scenario}_il"
+    stem = f"{args.benchmark}_{scenario}_il"
     if n_experiences != config.get("experiences", 5):
         # another protocol (e.g. one class per experience) gets its own files
         stem += f"_{n_experiences}exp"
@@ -431,7 +459,7 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         raise PlanError([f"--resume: no results file {results} to continue"])
     return Plan(
         benchmark=args.benchmark,
-        scenario=args.scenario,
+        scenario=scenario,
         n_experiences=n_experiences,
         first_half=args.first_half,
         strategies=names,

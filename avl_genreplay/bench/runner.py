@@ -446,7 +446,7 @@ def run_planned(
                 solver=plan.solver,
                 settings=plan.settings[name],
                 input_shape=plan.input_shape,
-                num_classes=plan.num_classes,
+                num_classes=plan.solver_outputs,
                 scenario=plan.scenario,
                 device=torch.device(plan.device),
                 train_subset=plan.train_subset,
