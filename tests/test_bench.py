@@ -307,6 +307,25 @@ def test_split_benchmarks_keep_the_divisor_rule(data_root, tmp_path):
         _plan("--experiences", "7", data_root=data_root, tmp_path=tmp_path)
 
 
+def test_a_strategy_that_cannot_run_in_the_scenario_is_left_out(data_root, tmp_path):
+    """Avalanche's GenerativeReplay labels its replay without task labels: a
+    task-incremental comparison of the config's strategies leaves it out
+    (and says so in its results), and one that names it is refused."""
+    plan = _plan("--scenario", "task", data_root=data_root, tmp_path=tmp_path)
+    assert "gr" not in plan.strategies and "dgr" in plan.strategies
+    assert "without task labels" in plan.header()["left_out"]["gr"]
+    assert "gr" in _plan(data_root=data_root, tmp_path=tmp_path).strategies
+    with pytest.raises(PlanError, match="--strategies gr: no task-incremental run"):
+        _plan(
+            "--scenario",
+            "task",
+            "--strategies",
+            "naive,gr",
+            data_root=data_root,
+            tmp_path=tmp_path,
+        )
+
+
 @pytest.mark.parametrize(
     "name, scenario, n_experiences, first_half, outputs",
     [

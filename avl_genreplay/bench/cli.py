@@ -189,6 +189,8 @@ def bench(plan: Plan) -> int:
     pending = [run for run in plan.runs if run not in done]
     if done:
         print(f"== resuming: {len(done)} runs finished, {len(pending)} to go")
+    for name, why in plan.left_out.items():
+        print(f"== {name} left out: {why}")
     print(
         f"== results in {plan.output}; if cut off, continue with: "
         f"{_resume_command(plan)}"

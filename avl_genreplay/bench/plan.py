@@ -23,6 +23,7 @@ from avl_genreplay.bench.strategies import (
     PROTOCOL_KEYS,
     SOLVER_MODELS,
     STRATEGIES,
+    UNSUPPORTED_SCENARIOS,
     input_transform,
     setting_parameters,
 )
@@ -75,6 +76,8 @@ class Plan:
     :param runs: ``(strategy, seed)`` pairs in the order they start.
     :param resume: continue the results file (and interrupted run) found in
         ``output`` instead of refusing to touch it.
+    :param left_out: the config's strategies that cannot run in the
+        scenario, each with the reason.
     """
 
     benchmark: str
@@ -101,6 +104,7 @@ class Plan:
     images: bool = True
     tensorboard: bool = False
     replay_quality: bool = True
+    left_out: Dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     @property
@@ -145,6 +149,7 @@ class Plan:
             "device": self.device,
             "jobs": self.jobs,
             "settings": {name: self.settings[name] for name in self.strategies},
+            "left_out": self.left_out,
         }
 
 
@@ -371,6 +376,18 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
             f"unknown strategy {', '.join(unknown)}; choose from "
             f"{', '.join(sorted(STRATEGIES))}"
         )
+    left_out = {
+        name: UNSUPPORTED_SCENARIOS[name][scenario]
+        for name in names
+        if scenario in UNSUPPORTED_SCENARIOS.get(name, {})
+    }
+    if args.strategies:
+        for name, why in left_out.items():
+            problems.append(
+                f"--strategies {name}: no {scenario}-incremental run: {why}"
+            )
+        left_out = {}
+    names = [name for name in names if name not in left_out]
     for name in sorted(set(config["strategies"]) - set(STRATEGIES)):
         problems.append(f"{source}: [strategies.{name}]: unknown strategy {name!r}")
     # every section, not only those run now: a typo shows in any command
@@ -482,4 +499,5 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         images=not args.no_images,
         tensorboard=args.tensorboard,
         replay_quality=not args.no_replay_quality,
+        left_out=left_out,
     )

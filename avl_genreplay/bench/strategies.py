@@ -25,9 +25,20 @@ __all__ = [
     "build_solver",
     "build_strategy",
     "setting_parameters",
+    "UNSUPPORTED_SCENARIOS",
 ]
 
 SOLVER_MODELS = ("mlp", "slim_resnet18")
+
+# the scenarios a strategy cannot run in, and why: the plan leaves it out of
+# a comparison that runs the config's strategies, and refuses it by name
+UNSUPPORTED_SCENARIOS: Dict[str, Dict[str, str]] = {
+    "gr": {
+        "task": "Avalanche's GenerativeReplay labels its replay with the old "
+        "solver without task labels, which a multi-head solver needs (it "
+        "assumes a task-free stream)"
+    },
+}
 
 # settings that the protocol fixes for every row; a strategy section may not
 # set them (under whichever name its builder takes them)
