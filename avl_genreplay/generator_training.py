@@ -8,6 +8,7 @@ the previous generator, so that it learns the inputs of all experiences seen
 generator step per solver iteration.
 """
 
+import inspect
 import math
 from copy import deepcopy
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -248,6 +249,12 @@ def dataset_tensors(
     return torch.cat(xs), torch.cat(ys)
 
 
+def _takes_replay_mask(trainer: GeneratorTrainer) -> bool:
+    """Whether the trainer's ``train_step`` takes ``replayed`` (see
+    :meth:`~avl_genreplay.generators.base.GeneratorTrainer.train_step`)."""
+    return "replayed" in inspect.signature(trainer.train_step).parameters
+
+
 def _is_last(experience) -> bool:
     """Whether ``experience`` is the last of its stream."""
     try:
@@ -284,7 +291,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
     Each generator batch holds ``replay_share`` replayed samples of past
     experiences and real samples of the current one for the rest. A
     class-conditional generator gets the real labels and, for replay, the
-    requested past classes.
+    requested past classes. A trainer whose ``train_step`` takes
+    ``replayed`` (DGM's, the diffusion model's) also gets which samples are
+    replay, which labels cannot tell where experiences share classes.
 
     :param trainer: the generator's training step (holds the generator, its
         critic if any, and their optimisers).
@@ -523,4 +532,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             x = torch.cat([real_x, replay_x])
             if conditional:
                 y = torch.cat([real_y, conditions])
-        return self.trainer.train_step(x, y if conditional else None)
+        if not _takes_replay_mask(self.trainer):
+            return self.trainer.train_step(x, y if conditional else None)
+        replayed = torch.arange(len(x), device=x.device) >= len(real_x)
+        return self.trainer.train_step(x, y if conditional else None, replayed=replayed)

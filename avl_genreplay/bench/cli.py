@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark", default="splitmnist", help=f"one of {sorted(data.BENCHMARKS)}"
     )
     bench.add_argument(
-        "--scenario", default="class", help="class, task or domain (incremental)"
+        "--scenario",
+        default=None,
+        help="class, task or domain (incremental); default: class, or domain for "
+        "permutedmnist, which has no other",
     )
     bench.add_argument(
         "--strategies",
@@ -186,6 +189,8 @@ def bench(plan: Plan) -> int:
     pending = [run for run in plan.runs if run not in done]
     if done:
         print(f"== resuming: {len(done)} runs finished, {len(pending)} to go")
+    for name, why in plan.left_out.items():
+        print(f"== {name} left out: {why}")
     print(
         f"== results in {plan.output}; if cut off, continue with: "
         f"{_resume_command(plan)}"

@@ -23,6 +23,7 @@ from avl_genreplay.bench.strategies import (
     PROTOCOL_KEYS,
     SOLVER_MODELS,
     STRATEGIES,
+    UNSUPPORTED_SCENARIOS,
     input_transform,
     setting_parameters,
 )
@@ -75,6 +76,8 @@ class Plan:
     :param runs: ``(strategy, seed)`` pairs in the order they start.
     :param resume: continue the results file (and interrupted run) found in
         ``output`` instead of refusing to touch it.
+    :param left_out: the config's strategies that cannot run in the
+        scenario, each with the reason.
     """
 
     benchmark: str
@@ -101,6 +104,7 @@ class Plan:
     images: bool = True
     tensorboard: bool = False
     replay_quality: bool = True
+    left_out: Dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     @property
@@ -110,6 +114,17 @@ class Plan:
     @property
     def num_classes(self) -> int:
         return data.BENCHMARKS[self.benchmark].num_classes
+
+    @property
+    def solver_outputs(self) -> int:
+        """The solver's outputs, also the class-conditional generators'
+        classes (:func:`~avl_genreplay.bench.data.solver_outputs`)."""
+        return data.solver_outputs(
+            self.benchmark,
+            scenario=self.scenario,
+            n_experiences=self.n_experiences,
+            first_experience_half=self.first_half,
+        )
 
     @property
     def results_path(self) -> Path:
@@ -126,6 +141,7 @@ class Plan:
             "scenario": f"{self.scenario}-incremental",
             "n_experiences": self.n_experiences,
             "train_subset": self.train_subset,
+            "solver_outputs": self.solver_outputs,
             "solver": self.solver,
             "protocol": self.protocol,
             "command": self.command,
@@ -133,14 +149,23 @@ class Plan:
             "device": self.device,
             "jobs": self.jobs,
             "settings": {name: self.settings[name] for name in self.strategies},
+            "left_out": self.left_out,
         }
 
 
 def experience_count_problem(
-    n_experiences: int, num_classes: int, first_half: bool = False
+    n_experiences: int,
+    num_classes: int,
+    first_half: bool = False,
+    *,
+    splits_classes: bool = True,
 ) -> Optional[str]:
     """Why a benchmark of ``num_classes`` classes cannot be split into
-    ``n_experiences`` experiences of equal class counts, or ``None``."""
+    ``n_experiences`` experiences of equal class counts, or ``None``. A
+    benchmark whose experiences each hold every class (``splits_classes``
+    false, e.g. PermutedMNIST) takes any number from 1."""
+    if not splits_classes:
+        return None if n_experiences >= 1 else "must be at least 1"
     if n_experiences < 1 or n_experiences > num_classes:
         return f"must lie in 1..{num_classes}"
     if first_half:
@@ -321,10 +346,16 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
             ]
         )
     spec = data.BENCHMARKS[args.benchmark]
-    if args.scenario not in data.SCENARIOS:
+    scenario = args.scenario or spec.scenarios[0]
+    if scenario not in data.SCENARIOS:
         problems.append(
-            f"unknown scenario {args.scenario!r}; choose from "
-            f"{', '.join(data.SCENARIOS)}"
+            f"unknown scenario {scenario!r}; choose from {', '.join(data.SCENARIOS)}"
+        )
+    elif scenario not in spec.scenarios:
+        problems.append(
+            f"--scenario {scenario}: {args.benchmark} has the "
+            f"{', '.join(spec.scenarios)}-incremental scenario only (each of "
+            f"its experiences holds every class)"
         )
     if args.first_half and args.benchmark != "splitcifar100":
         problems.append("--first-half applies to splitcifar100 only")
@@ -345,6 +376,18 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
             f"unknown strategy {', '.join(unknown)}; choose from "
             f"{', '.join(sorted(STRATEGIES))}"
         )
+    left_out = {
+        name: UNSUPPORTED_SCENARIOS[name][scenario]
+        for name in names
+        if scenario in UNSUPPORTED_SCENARIOS.get(name, {})
+    }
+    if args.strategies:
+        for name, why in left_out.items():
+            problems.append(
+                f"--strategies {name}: no {scenario}-incremental run: {why}"
+            )
+        left_out = {}
+    names = [name for name in names if name not in left_out]
     for name in sorted(set(config["strategies"]) - set(STRATEGIES)):
         problems.append(f"{source}: [strategies.{name}]: unknown strategy {name!r}")
     # every section, not only those run now: a typo shows in any command
@@ -362,7 +405,9 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         else config.get("experiences", 5)
     )
     first_half = args.first_half and args.benchmark == "splitcifar100"
-    why = experience_count_problem(n_experiences, spec.num_classes, first_half)
+    why = experience_count_problem(
+        n_experiences, spec.num_classes, first_half, splits_classes=spec.splits_classes
+    )
     if why:
         problems.append(
             f"--experiences {n_experiences}: {args.benchmark} has "
@@ -390,7 +435,7 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         data.check_data_root(spec, root)
     except data.DataRootError as error:
         problems.append(str(error))
-    stem = f"{args.benchmark}_{args.scenario}_il"
+    stem = f"{args.benchmark}_{scenario}_il"
     if n_experiences != config.get("experiences", 5):
         # another protocol (e.g. one class per experience) gets its own files
         stem += f"_{n_experiences}exp"
@@ -431,7 +476,7 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         raise PlanError([f"--resume: no results file {results} to continue"])
     return Plan(
         benchmark=args.benchmark,
-        scenario=args.scenario,
+        scenario=scenario,
         n_experiences=n_experiences,
         first_half=args.first_half,
         strategies=names,
@@ -454,4 +499,5 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         images=not args.no_images,
         tensorboard=args.tensorboard,
         replay_quality=not args.no_replay_quality,
+        left_out=left_out,
     )

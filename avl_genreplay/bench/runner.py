@@ -310,6 +310,7 @@ def run_strategy(
         augment=input_transform(spec.protocol.get("augment")),
         replay_mb_size=spec.protocol.get("replay_mb_size"),
         normalization=spec.normalization,
+        scenario=spec.scenario,
     )
     strategy = build_strategy(spec.strategy, ctx, spec.settings)
     train = [
@@ -445,7 +446,7 @@ def run_planned(
                 solver=plan.solver,
                 settings=plan.settings[name],
                 input_shape=plan.input_shape,
-                num_classes=plan.num_classes,
+                num_classes=plan.solver_outputs,
                 scenario=plan.scenario,
                 device=torch.device(plan.device),
                 train_subset=plan.train_subset,

@@ -25,9 +25,20 @@ __all__ = [
     "build_solver",
     "build_strategy",
     "setting_parameters",
+    "UNSUPPORTED_SCENARIOS",
 ]
 
 SOLVER_MODELS = ("mlp", "slim_resnet18")
+
+# the scenarios a strategy cannot run in, and why: the plan leaves it out of
+# a comparison that runs the config's strategies, and refuses it by name
+UNSUPPORTED_SCENARIOS: Dict[str, Dict[str, str]] = {
+    "gr": {
+        "task": "Avalanche's GenerativeReplay labels its replay with the old "
+        "solver without task labels, which a multi-head solver needs (it "
+        "assumes a task-free stream)"
+    },
+}
 
 # settings that the protocol fixes for every row; a strategy section may not
 # set them (under whichever name its builder takes them)
@@ -65,6 +76,7 @@ class StrategyContext:
     augment: Optional[Callable] = None
     replay_mb_size: Optional[int] = None
     normalization: Optional[tuple] = None
+    scenario: str = "class"
 
     def template_kwargs(self, *, augment_inputs: bool = True) -> dict:
         """The template's arguments; with ``augment_inputs`` (and an input
@@ -241,6 +253,11 @@ def _dgr(ctx: StrategyContext, **settings):
 
     kwargs = ctx.template_kwargs(augment_inputs=False)
     settings.setdefault("progress_bar", ctx.progress_bar)
+    # task-incremental DGR scores its replay on every past head (van de Ven &
+    # Tolias, 2019): its unconditional GAN's samples carry no task. DGM's and
+    # DDGR's class-conditional generators draw samples of each past (task,
+    # class) pair, already scored on their own task's head.
+    settings.setdefault("score_every_head", ctx.scenario == "task")
     return DGR(input_shape=ctx.input_shape, **settings, **ctx.replay_kwargs(), **kwargs)
 
 

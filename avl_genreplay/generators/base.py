@@ -156,7 +156,13 @@ class GeneratorTrainer(ABC):
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
         """Trains on one batch; returns the losses computed in this step by name
         (a loss not computed in a step, e.g. the generator's between critic
-        steps, is left out)."""
+        steps, is left out).
+
+        A trainer that treats replay apart from new data (DGM's, a diffusion
+        model's with ``distill_replay``) may also take a keyword
+        ``replayed``, a boolean mask of the batch's replayed samples: the
+        generator-training plugin then passes it, so that labels need not
+        tell them apart (they cannot where experiences share classes)."""
 
     def optimizers(self) -> List[torch.optim.Optimizer]:
         """The trainer's optimisers (for lowering the learning rate)."""

@@ -459,8 +459,11 @@ class DDPMTrainer(GeneratorTrainer):
     def optimizers(self) -> List[torch.optim.Optimizer]:
         return [self.optimizer]
 
-    def loss(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        """The noise-prediction loss on a batch of images in the data's range."""
+    def loss(
+        self, x: Tensor, y: Optional[Tensor] = None, replayed: Optional[Tensor] = None
+    ) -> Tensor:
+        """The noise-prediction loss on a batch of images in the data's range;
+        ``replayed`` marks the replay (see :meth:`train_step`)."""
         clean = self.generator.to_unit_range(x)
         noise = torch.randn_like(clean)
         t = torch.randint(
@@ -470,7 +473,9 @@ class DDPMTrainer(GeneratorTrainer):
         predicted = self.generator.predict(noisy, t, y)
         target = self.generator.training_target(clean, noise, t)
         if self.teacher is not None and y is not None:
-            replayed = torch.isin(y, torch.as_tensor(self.learned_classes).to(y))
+            if replayed is None:
+                learned = torch.as_tensor(self.learned_classes).to(y)
+                replayed = torch.isin(y, learned)
             if replayed.any():
                 with torch.no_grad():
                     taught = self.teacher.predict(
@@ -493,12 +498,21 @@ class DDPMTrainer(GeneratorTrainer):
             return clipped
         return clipped / (snr + 1)
 
-    def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
+    def train_step(
+        self, x: Tensor, y: Optional[Tensor] = None, replayed: Optional[Tensor] = None
+    ) -> Dict[str, float]:
+        """One step on a batch.
+
+        :param replayed: with ``distill_replay``, which samples of the batch
+            are replay; ``None`` to tell them by their labels (classes of past
+            experiences), which fails where experiences share classes
+            (domain-incremental streams: every sample would be distilled).
+        """
         self.generator.train()
         # only distillation needs to know which classes are replay
         if self.distill_replay and y is not None:
             self._classes_now.update(int(c) for c in y.unique())
-        loss = self.loss(x, y)
+        loss = self.loss(x, y, replayed)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()

@@ -69,6 +69,10 @@ class DGR(SupervisedTemplate):
     :param augment: a random transformation of input batches applied alike
         to the solver's minibatches and to the replay (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`); ``None`` for none.
+    :param score_every_head: in a task-incremental stream, score every
+        replayed sample on the head of every past task (van de Ven & Tolias,
+        2019) instead of on one past task's head drawn at random (see
+        :class:`~avl_genreplay.replay.SolverReplayPlugin`).
     :param generator_preload: keep the experience's data in memory, through its
         transforms, for the generator's training (faster; random augmentations
         would be drawn once: see
@@ -111,6 +115,7 @@ class DGR(SupervisedTemplate):
         temperature: float = 2.0,
         balance_classes: bool = False,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
+        score_every_head: bool = False,
         generator_preload: bool = False,
         generator_train_after_last: bool = True,
         progress_bar: bool = True,
@@ -152,6 +157,7 @@ class DGR(SupervisedTemplate):
             temperature=temperature,
             balance_classes=balance_classes,
             augment=augment,
+            score_every_head=score_every_head,
         )
         self.generator_plugin = GeneratorTrainingPlugin(
             generator_trainer,
