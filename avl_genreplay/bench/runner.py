@@ -531,7 +531,11 @@ def run_plan(
             )
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=plan.jobs, mp_context=context) as pool:
+    # a fresh process per run: a reused worker's resident memory would carry
+    # the earlier runs' peak into this run's peak RAM
+    with ProcessPoolExecutor(
+        max_workers=plan.jobs, mp_context=context, max_tasks_per_child=1
+    ) as pool:
         futures = [
             pool.submit(
                 _run_in_worker, plan, name, seed, resume_paths(name, seed), reference
