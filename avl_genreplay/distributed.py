@@ -44,6 +44,7 @@ __all__ = [
     "broadcast_modules",
     "gather_shares",
     "any_rank",
+    "extreme",
     "sum_counts",
     "union",
     "with_data_parallel",
@@ -129,6 +130,16 @@ def any_rank(flag: bool, device=None) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def extreme(values: Tensor, *, largest: bool) -> Tensor:
+    """The elementwise maximum (``largest``) or minimum of ``values`` across
+    ranks; ``values`` in a single process."""
+    if not _distributed():
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
+    return values
 
 
 def sum_counts(counts: Dict[int, int]) -> Dict[int, int]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avl_genreplay.distributed import average_gradients, extreme
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
 from avl_genreplay.generators.masks import GrowableLayer, TaskMask, annealed_scale
 from avl_genreplay.generators.wgan_gp import ConvCritic, _base_size, gradient_penalty
@@ -406,6 +407,8 @@ class DGMTrainer(GeneratorTrainer):
         conditioned on the label by projection.
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         generator: MaskedConvGenerator,
@@ -504,6 +507,9 @@ class DGMTrainer(GeneratorTrainer):
             raise ValueError("DGM's generator is class-conditional: pass labels")
         generator, discriminator = self.generator, self.discriminator
         generator.assign_classes(y)
+        # under distributed training a class is the task's once any rank's
+        # batch held it, so every rank takes its generator steps alike
+        generator.class_task.copy_(extreme(generator.class_task, largest=True))
         generator.train()
         discriminator.train()
         scale = self.scale()
@@ -529,6 +535,7 @@ class DGMTrainer(GeneratorTrainer):
         loss = -wasserstein + self.gp_weight * penalty + self.aux_weight * auxiliary
         self.discriminator_optimizer.zero_grad()
         loss.backward()
+        average_gradients(self.discriminator_optimizer)
         self.discriminator_optimizer.step()
         losses = {
             "critic": loss.item(),
@@ -555,6 +562,7 @@ class DGMTrainer(GeneratorTrainer):
         generator.block_gradients()
         for mask in generator.masks():
             mask.compensate_gradient(scale, self.s_max)
+        average_gradients(self.generator_optimizer)
         self.generator_optimizer.step()
         for mask in generator.masks():
             mask.clamp_(self.embedding_limit)
