@@ -35,6 +35,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.distributed import DistributedHelper
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 __all__ = [
     "DataParallelPlugin",
@@ -43,7 +44,9 @@ __all__ = [
     "average_values",
     "broadcast_modules",
     "gather_shares",
+    "shard_sampler",
     "any_rank",
+    "first_found",
     "extreme",
     "sum_counts",
     "union",
@@ -115,7 +118,7 @@ def broadcast_modules(*modules: Optional[nn.Module]) -> None:
     if not _distributed():
         return
     for module in modules:
-        if module is None:
+        if not isinstance(module, nn.Module):
             continue
         for tensor in list(module.parameters()) + list(module.buffers()):
             DistributedHelper.broadcast(tensor.data)
@@ -130,6 +133,17 @@ def any_rank(flag: bool, device=None) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def first_found(found: Optional[str], device=None) -> Optional[str]:
+    """The first rank's ``found`` that is not ``None`` (in rank order), the
+    same on every rank, e.g. a problem that any rank found; ``found`` in a
+    single process. Objects are exchanged only when a rank found one."""
+    if not any_rank(found is not None, device):
+        return None
+    if not _distributed():
+        return found
+    return next(f for f in DistributedHelper.gather_all_objects(found) if f)
 
 
 def extreme(values: Tensor, *, largest: bool) -> Tensor:
@@ -175,6 +189,18 @@ def gather_shares(total: int, make: Callable[[Tensor], Tensor]) -> Tensor:
     indices = torch.arange(rank * size, (rank + 1) * size).clamp(max=total - 1)
     rows = make(indices)
     return DistributedHelper.cat_all(rows)[:total]
+
+
+def shard_sampler(dataset) -> Optional[DistributedSampler]:
+    """A sampler of this rank's share of ``dataset``, shuffled alike on every
+    rank so that the shares do not overlap (call its ``set_epoch`` before each
+    pass for a new order); ``None`` in a single process. Its seed comes from
+    the global generators (advanced alike on every rank) and rank 0's is
+    taken, so the shares are disjoint whatever the ranks' random states."""
+    if not _distributed():
+        return None
+    seed = DistributedHelper.broadcast_object(int(torch.randint(2**31 - 1, ())))
+    return DistributedSampler(dataset, shuffle=True, seed=seed)
 
 
 class RankRandom:
