@@ -23,11 +23,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+from avalanche.distributed import DistributedHelper
 from avalanche.models.generator import Generator
 from avalanche.models.utils import avalanche_forward
 from torch import Tensor, nn
 
 from avl_genreplay.augmentation import InputAugmentationPlugin
+from avl_genreplay.distributed import RankRandom, sum_counts
 
 __all__ = [
     "PastClasses",
@@ -310,7 +312,7 @@ def sample_past_inputs(
     return generator.generate(n).to(device), None, tasks
 
 
-class SolverReplayPlugin(SupervisedPlugin):
+class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
     """Replays generated inputs of past experiences to the solver.
 
     Works with any :class:`avalanche.models.generator.Generator` (e.g. this
@@ -349,6 +351,17 @@ class SolverReplayPlugin(SupervisedPlugin):
         backward pass (see :class:`~avl_genreplay.augmentation.
         InputAugmentationPlugin`); the generator still trains on the
         untransformed data. ``None`` for no transformation.
+
+    Under distributed training (``torchrun``, Avalanche's
+    ``DistributedHelper``) each rank replays samples of its own (drawn from a
+    random stream of its own, :class:`~avl_genreplay.distributed.RankRandom`)
+    beside its share of the minibatch, so ranks do not replay the same
+    samples; ``replay_mb_size`` is per process, as Avalanche's
+    ``train_mb_size``, and :attr:`replayed_class_counts` sums every rank's.
+    The solver's gradients are averaged by whoever trains it data-parallel
+    (:class:`~avl_genreplay.distributed.DataParallelPlugin`, which this
+    package's strategies add, or a solver wrapped with
+    ``DistributedHelper.wrap_model``).
     """
 
     def __init__(
@@ -394,6 +407,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.replayed_class_counts: List[Dict[int, int]] = []
         self._counts: Counter = Counter()
         self.learning_check = LearningCheck(type(self).__name__)
+        self.random = RankRandom(type(self).__name__)
 
     def current_ratio(self) -> float:
         """The weight of the current data's loss for the experience at hand."""
@@ -409,9 +423,15 @@ class SolverReplayPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         self.learning_check.before_experience(self.generator, bool(self.past))
         if self.past:
-            self.old_solver = frozen_copy(strategy.model)
+            # a copy of the module, not of a DistributedDataParallel wrapper
+            self.old_solver = frozen_copy(
+                DistributedHelper.unwrap_model(strategy.model)
+            )
             self.old_generator = frozen_copy(self.generator)
         self._counts: Counter = Counter()
+        self.random.reset()
+        if self._inputs is not None:
+            self._inputs.before_training_exp(strategy)
 
     def after_training_exp(self, strategy, **kwargs):
         self.past.add(
@@ -420,7 +440,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         )
         self.old_solver = self.old_generator = None
         self.last_replay = None
-        self.replayed_class_counts.append(dict(sorted(self._counts.items())))
+        self.replayed_class_counts.append(sum_counts(self._counts))
 
     def allowed_classes(self, tasks: Tensor, num_outputs: int) -> Tensor:
         """Boolean ``(batch, outputs)`` mask of the past classes of each
@@ -457,7 +477,8 @@ class SolverReplayPlugin(SupervisedPlugin):
         if self.old_generator is None:
             return
         n = self.replay_mb_size or len(strategy.mb_x)
-        replay = self.sample(n, strategy.device)
+        with self.random(strategy.device):
+            replay = self.sample(n, strategy.device)
         self.last_replay = replay
         self._counts.update(replay.y.tolist())
         output = avalanche_forward(strategy.model, replay.x, replay.t)
