@@ -1,0 +1,264 @@
+"""The plugins under distributed training: two processes (gloo, CPU) started
+through torchrun's launcher, as ``avl-genreplay bench --nproc 2`` starts them.
+
+Each start costs some seconds (two fresh interpreters importing torch and
+Avalanche), so one launch checks every mechanism on a tiny random stream and
+returns what each rank saw; the tests below judge it. The real-data
+comparison with a single process is ``test_bench_on_two_processes_...``
+(slow).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.distributed import DistributedHelper
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.models import SimpleMLP
+from avalanche.training.determinism.rng_manager import RNGManager
+from avalanche.training.plugins import EvaluationPlugin
+from torch.utils.data import ConcatDataset
+
+from avl_genreplay.bench.cli import main
+from avl_genreplay.bench.data import synthetic_benchmark
+from avl_genreplay.distributed import (
+    average_gradients,
+    average_values,
+    gather_shares,
+    launch,
+    sum_counts,
+)
+from avl_genreplay.generator_training import dataset_tensors
+from avl_genreplay.generators.wgan_gp import ConvGenerator
+from avl_genreplay.strategies import DDGR, DGM, DGR
+
+SHAPE = (1, 12, 12)
+# rank 0's and rank 1's solver batches, replayed samples and generator batch
+MB, REPLAY, GENERATOR_MB = 8, 4, 8
+
+
+class _Spy(SupervisedPlugin, supports_distributed=True):
+    """What a rank saw: the noise its input transformation added, its replay,
+    and how many samples it evaluated."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise, self.replayed, self.evaluated = [], [], 0
+
+    def before_backward(self, strategy, **kwargs):
+        plugin = strategy.replay_plugin
+        inputs = plugin._inputs
+        if inputs is not None and inputs._untransformed is not None:
+            self.noise.append(strategy.mb_x - inputs._untransformed)
+        if plugin.last_replay is not None:
+            self.replayed.append(plugin.last_replay.x.clone())
+
+    def after_eval_iteration(self, strategy, **kwargs):
+        self.evaluated += len(strategy.mb_y)
+
+
+def _states(*modules):
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _strategy(name, spy):
+    """A tiny strategy whose networks are initialised differently on each
+    rank, so that only their broadcast can make the ranks agree."""
+    torch.manual_seed(100 + DistributedHelper.rank)
+    model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
+    common = dict(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        train_mb_size=MB,
+        eval_mb_size=16,
+        replay_mb_size=REPLAY,
+        generator_iterations=6,
+        generator_mb_size=GENERATOR_MB,
+        progress_bar=False,
+        plugins=[spy],
+        evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]),
+    )
+    if name == "dgr":
+        strategy = DGR(
+            generator=ConvGenerator(SHAPE, noise_dim=8, channels=4),
+            augment=lambda x: x + torch.randn_like(x),
+            **common,
+        )
+    elif name == "ddgr":
+        strategy = DDGR(
+            input_shape=SHAPE,
+            num_classes=6,
+            base_channels=8,
+            sampling_steps=2,
+            samples_per_class=5,
+            **common,
+        )
+    else:
+        strategy = DGM(
+            input_shape=SHAPE,
+            num_classes=6,
+            variant="a",
+            noise_dim=8,
+            generator_channels=(8, 4),
+            discriminator_channels=8,
+            **common,
+        )
+    # the global generators stay alike on every rank, as Avalanche keeps them
+    RNGManager.set_random_seeds(0)
+    return strategy
+
+
+def _train(name):
+    stream = synthetic_benchmark(
+        input_shape=SHAPE, num_classes=6, n_experiences=3, per_class=16
+    )
+    spy = _Spy()
+    strategy = _strategy(name, spy)
+    generated = []
+    if name == "ddgr":  # how many samples each rank generates for the pool
+        plugin = strategy.pool_plugin
+        original = plugin._generate
+
+        def counting(solver, labels, tasks):
+            generated.append(len(labels))
+            return original(solver, labels, tasks)
+
+        plugin._generate = counting
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for experience in stream.train_stream[:2]:
+            strategy.train(experience)
+        results = strategy.eval(stream.test_stream[:2])
+    test = ConcatDataset([e.dataset.eval() for e in stream.test_stream[:2]])
+    x, y = dataset_tensors(test)
+    with torch.no_grad():
+        strategy.model.eval()
+        accuracy = (strategy.model(x).argmax(1) == y).float().mean().item()
+    trainer = strategy.generator_plugin.trainer
+    out = dict(
+        states=_states(strategy.model, strategy.generator, *trainer.modules().values()),
+        replayed=spy.replayed,
+        noise=spy.noise,
+        evaluated=spy.evaluated,
+        test_size=len(test),
+        reported=results["Top1_Acc_Stream/eval_phase/test_stream/Task000"],
+        accuracy=accuracy,
+        warnings=[str(w.message) for w in caught],
+        replayed_counts=strategy.replay_plugin.replayed_class_counts,
+        losses=strategy.generator_plugin.loss_history,
+    )
+    if name == "ddgr":
+        out.update(pool_x=strategy.pool.x, pool_y=strategy.pool.y, generated=generated)
+    return out
+
+
+def _helpers():
+    """The helpers' results on this rank, for values known in advance."""
+    rank = DistributedHelper.rank
+    used, unused = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(
+        torch.zeros(2)
+    )
+    only_rank0 = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([used, unused, only_rank0], lr=1.0)
+    used.grad = torch.full((3,), float(rank + 1))
+    if rank == 0:
+        only_rank0.grad = torch.full((2,), 4.0)
+    average_gradients(optimizer)
+    return dict(
+        used=used.grad.tolist(),
+        unused=unused.grad,
+        only_rank0=only_rank0.grad.tolist(),
+        values=average_values({"loss": 2.0 * rank, "other": 3.0}),
+        counts=sum_counts({5: rank + 1, rank: 10}),
+        # 7 rows in two shares of 4 (the second padded with a copy of row 6)
+        shares=gather_shares(
+            7, lambda i: torch.stack([i, torch.full_like(i, rank)], 1)
+        ),
+    )
+
+
+def _every_check():
+    torch.set_num_threads(1)
+    return dict(helpers=_helpers(), **{n: _train(n) for n in ("dgr", "ddgr", "dgm")})
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """What each of two ranks returned, by rank."""
+    return launch(2, _every_check)
+
+
+def test_the_helpers_average_sum_and_gather_across_ranks(ranks):
+    for rank in (0, 1):
+        helpers = ranks[rank]["helpers"]
+        assert helpers["used"] == [1.5, 1.5, 1.5]  # the mean of 1 and 2
+        # no gradient anywhere: none, so the optimiser skips it; on one rank:
+        # the mean with the other's zero, as DistributedDataParallel does
+        assert helpers["unused"] is None and helpers["only_rank0"] == [2.0, 2.0]
+        assert helpers["values"] == {"loss": 1.0, "other": 3.0}
+        assert helpers["counts"] == {0: 10, 1: 10, 5: 3}
+        rows = helpers["shares"].tolist()
+        assert [row[0] for row in rows] == list(range(7))
+        assert [row[1] for row in rows] == [0, 0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("name", ["dgr", "ddgr", "dgm"])
+def test_ranks_end_with_the_same_solver_generator_and_critic(ranks, name):
+    first, second = ranks[0][name]["states"], ranks[1][name]["states"]
+    # solver, generator and critic (DDGR's diffusion model has none)
+    assert len(first) == len(second) == (2 if name == "ddgr" else 3)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    # the losses reported are the means over ranks, the same on each
+    assert ranks[0][name]["losses"] == ranks[1][name]["losses"]
+
+
+@pytest.mark.parametrize("name", ["dgr", "ddgr", "dgm"])
+def test_ranks_replay_samples_of_their_own(ranks, name):
+    first, second = ranks[0][name]["replayed"], ranks[1][name]["replayed"]
+    # the second experience's iterations on each rank (16 samples, batch 8)
+    assert len(first) == len(second) == 2
+    for a, b in zip(first, second):
+        assert a.shape == b.shape == (REPLAY, *SHAPE)
+        assert not torch.equal(a, b)
+    # the counts of replayed classes are every rank's: 2 iterations, 2 ranks
+    for rank in (0, 1):
+        counts = ranks[rank][name]["replayed_counts"]
+        assert sum(counts[1].values()) == 2 * 2 * REPLAY
+        assert counts == ranks[0][name]["replayed_counts"]
+
+
+def test_ranks_transform_their_inputs_with_noise_of_their_own(ranks):
+    first, second = ranks[0]["dgr"]["noise"], ranks[1]["dgr"]["noise"]
+    assert len(first) == len(second) == 4  # 2 experiences x 2 iterations
+    for a, b in zip(first, second):
+        assert a.abs().sum() > 0 and not torch.equal(a, b)
+
+
+def test_the_pool_is_generated_in_shares_and_the_same_on_every_rank(ranks):
+    first, second = ranks[0]["ddgr"], ranks[1]["ddgr"]
+    # 5 samples of each of classes 0 and 1, in a single process's order
+    assert first["pool_y"].tolist() == [0] * 5 + [1] * 5
+    assert torch.equal(first["pool_y"], second["pool_y"])
+    assert torch.equal(first["pool_x"], second["pool_x"])
+    # each rank generated its share alone (5 each; not the whole pool)
+    assert first["generated"] == second["generated"] == [5]
+
+
+@pytest.mark.parametrize("name", ["dgr", "ddgr", "dgm"])
+def test_every_rank_evaluates_the_whole_stream_without_warnings(ranks, name):
+    for rank in (0, 1):
+        seen = ranks[rank][name]
+        assert seen["evaluated"] == seen["test_size"] == 32
+        assert seen["reported"] == pytest.approx(seen["accuracy"])
+        # Avalanche's check found every plugin supports distributed training
+        assert not [w for w in seen["warnings"] if "not compatible" in w]
