@@ -241,7 +241,8 @@ def test_ranks_transform_their_inputs_with_noise_of_their_own(ranks):
     first, second = ranks[0]["dgr"]["noise"], ranks[1]["dgr"]["noise"]
     assert len(first) == len(second) == 4  # 2 experiences x 2 iterations
     for a, b in zip(first, second):
-        assert a.abs().sum() > 0 and not torch.equal(a, b)
+        # (x + noise) - x is the noise up to rounding, which depends on x
+        assert a.abs().sum() > 0 and not torch.allclose(a, b, atol=1e-4)
 
 
 def test_the_pool_is_generated_in_shares_and_the_same_on_every_rank(ranks):
