@@ -36,6 +36,8 @@ from avl_genreplay.distributed import (
     sum_counts,
 )
 from avl_genreplay.generator_training import dataset_tensors
+from avl_genreplay.generators.dgm import DGMTrainer, MaskedConvGenerator
+from avl_genreplay.generators.diffusion import DDPMTrainer, DiffusionGenerator
 from avl_genreplay.generators.wgan_gp import ConvGenerator
 from avl_genreplay.strategies import DDGR, DGM, DGR
 
@@ -115,12 +117,30 @@ def _strategy(name, spy):
     return strategy
 
 
+def _parameters(*modules):
+    return torch.cat([p.detach().flatten() for m in modules for p in m.parameters()])
+
+
 def _train(name):
     stream = synthetic_benchmark(
         input_shape=SHAPE, num_classes=6, n_experiences=3, per_class=16
     )
     spy = _Spy()
     strategy = _strategy(name, spy)
+    trainer = strategy.generator_plugin.trainer
+    networks = [strategy.generator, *trainer.modules().values()]
+    # the generator's and critic's parameters after each step (each
+    # experience ends with rank 0's networks everywhere, which would hide
+    # steps taken apart)
+    stepped = []
+    step = trainer.train_step
+
+    def recording_step(x, y=None):
+        losses = step(x, y)
+        stepped.append(_parameters(*networks))
+        return losses
+
+    trainer.train_step = recording_step
     generated = []
     if name == "ddgr":  # how many samples each rank generates for the pool
         plugin = strategy.pool_plugin
@@ -141,9 +161,9 @@ def _train(name):
     with torch.no_grad():
         strategy.model.eval()
         accuracy = (strategy.model(x).argmax(1) == y).float().mean().item()
-    trainer = strategy.generator_plugin.trainer
     out = dict(
-        states=_states(strategy.model, strategy.generator, *trainer.modules().values()),
+        states=_states(strategy.model, *networks),
+        stepped=stepped,
         replayed=spy.replayed,
         noise=spy.noise,
         evaluated=spy.evaluated,
@@ -184,9 +204,30 @@ def _helpers():
     )
 
 
+def _trainers():
+    """What the trainers make of ranks whose batches differ: each rank's holds
+    one class of its own, and values in a range of its own."""
+    rank = DistributedHelper.rank
+    x, y = torch.rand(4, *SHAPE) + 2 * rank, torch.full((4,), rank)
+    masked = MaskedConvGenerator(SHAPE, 6, variant="a", noise_dim=8, channels=(8, 4))
+    DGMTrainer(masked, discriminator_channels=8).train_step(x, y)
+    diffusion = DiffusionGenerator(SHAPE, 6, base_channels=8, sampling_steps=2)
+    diffusion.calibrate_range(x)
+    ddpm = DDPMTrainer(diffusion, distill_replay=True)
+    ddpm.train_step(x, y)
+    ddpm.end_experience(0)
+    return dict(
+        task_classes=masked.current_classes().tolist(),
+        learned=ddpm.learned_classes,
+        batch_range=(x.min().item(), x.max().item()),
+        range=(diffusion.range_low.item(), diffusion.range_high.item()),
+    )
+
+
 def _every_check():
     torch.set_num_threads(1)
-    return dict(helpers=_helpers(), **{n: _train(n) for n in ("dgr", "ddgr", "dgm")})
+    checks = dict(helpers=_helpers(), trainers=_trainers())
+    return dict(checks, **{n: _train(n) for n in ("dgr", "ddgr", "dgm")})
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +250,20 @@ def test_the_helpers_average_sum_and_gather_across_ranks(ranks):
         assert [row[1] for row in rows] == [0, 0, 0, 0, 1, 1, 1]
 
 
+def test_the_trainers_learn_every_rank_s_classes_and_data_range(ranks):
+    first, second = ranks[0]["trainers"], ranks[1]["trainers"]
+    for seen in (first, second):
+        # DGM's task holds both ranks' classes, so both take generator steps
+        # alike; DDPM's distillation knows both; the range spans both batches
+        assert seen["task_classes"] == [0, 1]
+        assert seen["learned"] == [0, 1]
+        assert seen["range"] == pytest.approx(
+            (first["batch_range"][0], second["batch_range"][1])
+        )
+
+
 @pytest.mark.parametrize("name", ["dgr", "ddgr", "dgm"])
-def test_ranks_end_with_the_same_solver_generator_and_critic(ranks, name):
+def test_ranks_step_alike_and_end_with_the_same_networks(ranks, name):
     first, second = ranks[0][name]["states"], ranks[1][name]["states"]
     # solver, generator and critic (DDGR's diffusion model has none)
     assert len(first) == len(second) == (2 if name == "ddgr" else 3)
@@ -218,6 +271,10 @@ def test_ranks_end_with_the_same_solver_generator_and_critic(ranks, name):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+    # every generator step was the same on both ranks: 6 per experience
+    steps = ranks[0][name]["stepped"], ranks[1][name]["stepped"]
+    assert len(steps[0]) == len(steps[1]) == 12
+    assert all(torch.equal(a, b) for a, b in zip(*steps))
     # the losses reported are the means over ranks, the same on each
     assert ranks[0][name]["losses"] == ranks[1][name]["losses"]
 
