@@ -21,9 +21,9 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.distributed import DistributedHelper
 from avalanche.evaluation.metrics import accuracy_metrics
-from avalanche.models import SimpleMLP
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
+from torch import nn
 from torch.utils.data import ConcatDataset
 
 from avl_genreplay.bench.cli import main
@@ -74,7 +74,14 @@ def _strategy(name, spy):
     """A tiny strategy whose networks are initialised differently on each
     rank, so that only their broadcast can make the ranks agree."""
     torch.manual_seed(100 + DistributedHelper.rank)
-    model = SimpleMLP(num_classes=6, input_size=144, hidden_size=32, drop_rate=0)
+    # batch normalisation: statistics each rank measures on its own share
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(144, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Linear(32, 6),
+    )
     common = dict(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
@@ -132,10 +139,11 @@ def _train(name):
     # the generator's and critic's parameters after each step (each
     # experience ends with rank 0's networks everywhere, which would hide
     # steps taken apart)
-    stepped = []
+    stepped, inputs = [], []
     step = trainer.train_step
 
     def recording_step(x, y=None):
+        inputs.append(x.clone())
         losses = step(x, y)
         stepped.append(_parameters(*networks))
         return losses
@@ -164,6 +172,7 @@ def _train(name):
     out = dict(
         states=_states(strategy.model, *networks),
         stepped=stepped,
+        inputs=inputs,
         replayed=spy.replayed,
         noise=spy.noise,
         evaluated=spy.evaluated,
@@ -277,6 +286,19 @@ def test_ranks_step_alike_and_end_with_the_same_networks(ranks, name):
     assert all(torch.equal(a, b) for a, b in zip(*steps))
     # the losses reported are the means over ranks, the same on each
     assert ranks[0][name]["losses"] == ranks[1][name]["losses"]
+
+
+@pytest.mark.parametrize("name", ["dgr", "ddgr", "dgm"])
+def test_ranks_train_the_generator_on_data_and_replay_of_their_own(ranks, name):
+    first, second = ranks[0][name]["inputs"], ranks[1][name]["inputs"]
+    assert len(first) == len(second) == 12
+    for step, (a, b) in enumerate(zip(first, second)):
+        assert a.shape == b.shape == (GENERATOR_MB, *SHAPE)
+        # real samples of each rank's share of the experience...
+        assert not torch.equal(a[:4], b[:4])
+        # ...and, in the second experience, half of the batch replayed
+        if step >= 6:
+            assert not torch.equal(a[4:], b[4:])
 
 
 @pytest.mark.parametrize("name", ["dgr", "ddgr", "dgm"])
