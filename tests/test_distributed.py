@@ -28,6 +28,7 @@ from torch.utils.data import ConcatDataset
 
 from avl_genreplay.bench.cli import main
 from avl_genreplay.bench.data import synthetic_benchmark
+from avl_genreplay.checkpoint import maybe_load_checkpoint, save_checkpoint
 from avl_genreplay.distributed import (
     average_gradients,
     average_values,
@@ -42,6 +43,8 @@ from avl_genreplay.generators.wgan_gp import ConvGenerator
 from avl_genreplay.strategies import DDGR, DGM, DGR
 
 SHAPE = (1, 12, 12)
+# a sitecustomize that reports the files ranks other than 0 write
+AUDIT = Path(__file__).resolve().parent / "rank_audit"
 # rank 0's and rank 1's solver batches, replayed samples and generator batch
 MB, REPLAY, GENERATOR_MB = 8, 4, 8
 
@@ -233,16 +236,68 @@ def _trainers():
     )
 
 
-def _every_check():
+def _checkpoint(folder):
+    """A DGR checkpointed after its first experience and restored into a
+    strategy built afresh on every rank, which learns the second."""
+    from avalanche.logging import TextLogger
+
+    folder, rank = Path(folder), DistributedHelper.rank
+    stream = synthetic_benchmark(
+        input_shape=SHAPE, num_classes=6, n_experiences=3, per_class=16
+    )
+
+    def build(log):
+        strategy = _strategy("dgr", _Spy())
+        if rank == 0:  # Avalanche's loggers live on the main process
+            strategy.evaluator.loggers = [TextLogger(open(folder / log, "a"))]
+        return strategy
+
+    first = build("first.txt")
+    first.train(stream.train_stream[0])
+    save_checkpoint(first, folder / "dgr.ckpt")
+    second = build("second.txt")
+    built_with = [id(logger) for logger in second.evaluator.loggers]
+    second, start = maybe_load_checkpoint(second, folder / "dgr.ckpt")
+    restored = [id(logger) for logger in second.evaluator.loggers]
+    second.train(stream.train_stream[1])
+    if rank == 1:  # a write the audit must see
+        (folder / "probe.txt").write_text("")
+    audit = sys.modules.get("sitecustomize")
+    return dict(
+        start=start,
+        built_with=built_with,
+        restored=restored,
+        states=_states(second.model, second.generator),
+        writes=getattr(audit, "WRITES", None),
+    )
+
+
+def _every_check(folder):
     torch.set_num_threads(1)
     checks = dict(helpers=_helpers(), trainers=_trainers())
-    return dict(checks, **{n: _train(n) for n in ("dgr", "ddgr", "dgm")})
+    checks.update({n: _train(n) for n in ("dgr", "ddgr", "dgm")})
+    return dict(checks, checkpoint=_checkpoint(folder))
+
+
+def _audited(patch, folder):
+    """Has the processes started next report what ranks other than 0 write
+    under ``folder``."""
+    path = os.pathsep.join(filter(None, [str(AUDIT), os.environ.get("PYTHONPATH")]))
+    patch.setenv("PYTHONPATH", path)
+    patch.setenv("AVL_GENREPLAY_AUDIT_DIR", str(folder))
 
 
 @pytest.fixture(scope="module")
-def ranks():
+def checkpoints(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def ranks(checkpoints):
     """What each of two ranks returned, by rank."""
-    return launch(2, _every_check)
+    with pytest.MonkeyPatch.context() as patch:
+        _audited(patch, checkpoints)
+        return launch(2, _every_check, str(checkpoints))
 
 
 def test_the_helpers_average_sum_and_gather_across_ranks(ranks):
@@ -342,3 +397,19 @@ def test_every_rank_evaluates_the_whole_stream_without_warnings(ranks, name):
         assert seen["reported"] == pytest.approx(seen["accuracy"])
         # Avalanche's check found every plugin supports distributed training
         assert not [w for w in seen["warnings"] if "not compatible" in w]
+
+
+def test_rank_0_alone_writes_checkpoints_and_restored_ranks_keep_their_loggers(
+    ranks, checkpoints
+):
+    first, second = ranks[0]["checkpoint"], ranks[1]["checkpoint"]
+    assert first["start"] == second["start"] == 1
+    assert (checkpoints / "dgr.ckpt").is_file()
+    # the main process keeps the logger it was built with; the other has none
+    # (it never unpickled rank 0's, which would have reopened its file)
+    assert len(first["built_with"]) == 1 and first["restored"] == first["built_with"]
+    assert second["built_with"] == second["restored"] == []
+    # rank 1 wrote nothing but the probe that shows the audit was watching
+    assert second["writes"] == [("open", str(checkpoints / "probe.txt"))]
+    for a, b in zip(first["states"], second["states"]):
+        assert all(torch.equal(a[key], b[key]) for key in a)
