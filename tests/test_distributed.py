@@ -499,3 +499,33 @@ def test_bench_on_two_processes_matches_one_process_and_rank_0_alone_writes(
         lengths = [{k: len(v) for k, v in q.items()} for q in quality]
         assert lengths[1] == lengths[0]
         assert lengths[1]["ReplayFrechetDistance"] == 2
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--nproc", "2", "--jobs", "2"], "cannot be combined with --jobs 2"),
+        (["--nproc", "2", "--strategies", "gr"], "gr cannot run distributed"),
+        (["--nproc", "0"], "--nproc must be >= 1"),
+        (
+            ["--nproc", "2", "--strategies", "dgr", "--config", "ODD"],
+            "[strategies.dgr] generator_mb_size = 33 is not divisible among 2",
+        ),
+    ],
+)
+def test_plans_that_cannot_run_on_several_processes_are_refused(
+    arguments, message, tmp_path, capsys
+):
+    config = tmp_path / "odd.toml"
+    config.write_text(
+        'inherit = "splitmnist"\n[strategies.dgr]\ngenerator_mb_size = 33\n'
+    )
+    arguments = [str(config) if a == "ODD" else a for a in arguments]
+    # cheap settings, should a refusal fail and the bench start
+    cheap = ["--strategies", "naive", "--seeds", "0", "--experiences", "2"]
+    cheap += ["--train-subset", "10", "--no-images", "--no-replay-quality"]
+    code = main(["bench", *cheap, *arguments, "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "splitmnist_class_il.json").exists()
