@@ -5,10 +5,10 @@ trains on its own share of each batch; before each optimiser step the
 gradients are averaged across ranks, so every rank takes the same step and
 the models stay identical, as if one process had trained on the batches of
 all ranks together. This is what ``DistributedDataParallel`` does, done at the
-optimiser instead of through a wrapped module: the generators here take a
-double backward pass (WGAN-GP's gradient penalty), two forward passes before
-one backward pass, grow (DGM) and zero the gradients of reserved parameters
-after the backward pass, which a wrapped module handles badly or not at all.
+optimiser instead of through a wrapped module: the critics here differentiate
+with ``torch.autograd.grad`` (WGAN-GP's gradient penalty), which
+``DistributedDataParallel``'s documentation says it does not support, and
+DGM's generator grows, which a wrapped module would have to be rebuilt for.
 
 Random numbers follow Avalanche's convention: the global generators hold the
 same state on every rank (``DistributedHelper.init_distributed`` seeds them
@@ -108,19 +108,22 @@ def average_values(values: Dict[str, float], device=None) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def broadcast_modules(*modules: Optional[nn.Module]) -> None:
-    """Copies rank 0's parameters and buffers into every rank's modules (in
-    place, so optimisers keep their references), as
+def broadcast_modules(
+    *modules: Optional[nn.Module], buffers_only: bool = False
+) -> None:
+    """Copies rank 0's parameters and buffers (or its buffers only) into
+    every rank's modules (in place, so optimisers keep their references), as
     ``DistributedDataParallel`` does when it wraps a module: whatever a rank
     initialised at random on its own (a grown layer, a fresh embedding) or
     measured on its own data (batch-norm statistics) becomes rank 0's.
-    No-op in a single process."""
+    Anything that is not a module is skipped. No-op in a single process."""
     if not _distributed():
         return
     for module in modules:
         if not isinstance(module, nn.Module):
             continue
-        for tensor in list(module.parameters()) + list(module.buffers()):
+        parameters = [] if buffers_only else list(module.parameters())
+        for tensor in parameters + list(module.buffers()):
             DistributedHelper.broadcast(tensor.data)
 
 
@@ -143,7 +146,8 @@ def first_found(found: Optional[str], device=None) -> Optional[str]:
         return None
     if not _distributed():
         return found
-    return next(f for f in DistributedHelper.gather_all_objects(found) if f)
+    found = DistributedHelper.gather_all_objects(found)
+    return next(f for f in found if f is not None)
 
 
 def extreme(values: Tensor, *, largest: bool) -> Tensor:
@@ -235,9 +239,11 @@ class RankRandom:
             return
         device = torch.device(device)
         cuda = device.type == "cuda"
-        index = (device.index or 0) if cuda else None
-        if cuda and device.index is None:
-            index = torch.cuda.current_device()
+        index = None
+        if cuda:
+            index = (
+                torch.cuda.current_device() if device.index is None else device.index
+            )
         with torch.random.fork_rng(devices=[index] if cuda else []):
             if self._states is None:
                 base = int(torch.randint(2**31 - 1, ()))
@@ -299,9 +305,8 @@ class DataParallelPlugin(SupervisedPlugin, supports_distributed=True):
             average_gradients(strategy.optimizer)
 
     def after_training_epoch(self, strategy, **kwargs):
-        if _distributed():
-            for buffer in DistributedHelper.unwrap_model(strategy.model).buffers():
-                DistributedHelper.broadcast(buffer.data)
+        model = DistributedHelper.unwrap_model(strategy.model)
+        broadcast_modules(model, buffers_only=True)
 
     def before_eval_exp(self, strategy, **kwargs):
         loader = strategy.dataloader

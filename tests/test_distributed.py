@@ -445,7 +445,7 @@ def _files(folder):
 TOLERANCE = 0.1
 
 
-@pytest.mark.slow  # about 2 minutes on 2 busy cores: one run, then two processes
+@pytest.mark.slow  # about 2 CPU-minutes: a run on one process, then on two
 def test_bench_on_two_processes_matches_one_process_and_rank_0_alone_writes(
     data_root, tmp_path, capfd, monkeypatch
 ):
