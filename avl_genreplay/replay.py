@@ -23,11 +23,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+from avalanche.distributed import DistributedHelper
 from avalanche.models.generator import Generator
 from avalanche.models.utils import avalanche_forward
 from torch import Tensor, nn
 
 from avl_genreplay.augmentation import InputAugmentationPlugin
+from avl_genreplay.distributed import RankRandom, sum_counts
 
 __all__ = [
     "PastClasses",
@@ -344,7 +346,7 @@ def on_every_head(
     )
 
 
-class SolverReplayPlugin(SupervisedPlugin):
+class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
     """Replays generated inputs of past experiences to the solver.
 
     Works with any :class:`avalanche.models.generator.Generator` (e.g. this
@@ -362,9 +364,20 @@ class SolverReplayPlugin(SupervisedPlugin):
     task-incremental DGR of van de Ven & Tolias (2019): the old solver's head
     of each past task label, restricted to that task's classes, labels all
     the samples (or gives their soft targets), the new solver's head learns
-    them, and the replay loss is the mean over the heads. :attr:`last_replay` then holds
-    each sample once per head (``t`` its head) and
-    :attr:`replayed_class_counts` counts each sample once per head.
+    them, and the replay loss is the mean over the heads.
+    :attr:`last_replay` then holds each sample once per head (``t`` its head)
+    and :attr:`replayed_class_counts` counts each sample once per head.
+
+    Under distributed training (``torchrun``, Avalanche's
+    ``DistributedHelper``) each rank replays samples of its own (drawn from a
+    random stream of its own, :class:`~avl_genreplay.distributed.RankRandom`)
+    beside its share of the minibatch, so ranks do not replay the same
+    samples; ``replay_mb_size`` is per process, as Avalanche's
+    ``train_mb_size``, and :attr:`replayed_class_counts` sums every rank's.
+    The solver's gradients are averaged by whoever trains it data-parallel
+    (:class:`~avl_genreplay.distributed.DataParallelPlugin`, which this
+    package's strategies add, or a solver wrapped with
+    ``DistributedHelper.wrap_model``).
 
     :param generator: the generator whose samples are replayed. A frozen copy
         taken before each experience is sampled, so a generator trained
@@ -449,6 +462,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.replayed_class_counts: List[Dict[int, int]] = []
         self._counts: Counter = Counter()
         self.learning_check = LearningCheck(type(self).__name__)
+        self.random = RankRandom(type(self).__name__)
 
     def current_ratio(self) -> float:
         """The weight of the current data's loss for the experience at hand."""
@@ -464,9 +478,15 @@ class SolverReplayPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         self.learning_check.before_experience(self.generator, bool(self.past))
         if self.past:
-            self.old_solver = frozen_copy(strategy.model)
+            # a copy of the module, not of a DistributedDataParallel wrapper
+            self.old_solver = frozen_copy(
+                DistributedHelper.unwrap_model(strategy.model)
+            )
             self.old_generator = frozen_copy(self.generator)
         self._counts: Counter = Counter()
+        self.random.reset()
+        if self._inputs is not None:
+            self._inputs.before_training_exp(strategy)
 
     def after_training_exp(self, strategy, **kwargs):
         self.past.add(
@@ -475,7 +495,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         )
         self.old_solver = self.old_generator = None
         self.last_replay = None
-        self.replayed_class_counts.append(dict(sorted(self._counts.items())))
+        self.replayed_class_counts.append(sum_counts(self._counts))
 
     def allowed_classes(self, tasks: Tensor, num_outputs: int) -> Tensor:
         """Boolean ``(batch, outputs)`` mask of the past classes of each
@@ -522,7 +542,8 @@ class SolverReplayPlugin(SupervisedPlugin):
         if self.old_generator is None:
             return
         n = self.replay_mb_size or len(strategy.mb_x)
-        replay = self.sample(n, strategy.device)
+        with self.random(strategy.device):
+            replay = self.sample(n, strategy.device)
         self.last_replay = replay
         self._counts.update(replay.y.tolist())
         output = avalanche_forward(strategy.model, replay.x, replay.t)

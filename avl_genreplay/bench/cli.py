@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         "of its own; the results are those of a serial run",
     )
     bench.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes each run trains on, data-parallel, started through "
+        "torchrun's launcher (gloo on CPUs; nccl with --device cuda, one GPU per "
+        "process); batch sizes are divided among them, so the total batch is a "
+        "single process's",
+    )
+    bench.add_argument(
         "--output",
         default=None,
         help="output folder (default: a new runs/<benchmark>-<UTC time>/)",

@@ -20,11 +20,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from avl_genreplay.bench import data
 from avl_genreplay.bench.config import CONFIG_DIR, load_config
 from avl_genreplay.bench.strategies import (
+    NOT_DISTRIBUTED,
     PROTOCOL_KEYS,
     SOLVER_MODELS,
     STRATEGIES,
     UNSUPPORTED_SCENARIOS,
     input_transform,
+    per_process_sizes,
     setting_parameters,
 )
 from avl_genreplay.devices import check_device
@@ -74,6 +76,8 @@ class Plan:
     """A validated comparison: which runs, with which settings, written where.
 
     :param runs: ``(strategy, seed)`` pairs in the order they start.
+    :param nproc: processes each run trains on, data-parallel (one GPU each
+        on CUDA); batch sizes are divided among them.
     :param resume: continue the results file (and interrupted run) found in
         ``output`` instead of refusing to touch it.
     :param left_out: the config's strategies that cannot run in the
@@ -105,6 +109,7 @@ class Plan:
     tensorboard: bool = False
     replay_quality: bool = True
     left_out: Dict[str, str] = field(default_factory=dict)
+    nproc: int = 1
     started: float = field(default_factory=time.time)
 
     @property
@@ -148,6 +153,7 @@ class Plan:
             "config": self.config_file,
             "device": self.device,
             "jobs": self.jobs,
+            "nproc": self.nproc,
             "settings": {name: self.settings[name] for name in self.strategies},
             "left_out": self.left_out,
         }
@@ -294,6 +300,53 @@ def read_protocol(config: dict, name: str, source: str) -> Tuple[dict, List[str]
     return protocol, problems
 
 
+def _nproc_problems(args, device, names, settings, solver, protocol) -> List[str]:
+    """What keeps the runs from training on ``args.nproc`` processes."""
+    nproc = args.nproc
+    if nproc < 1:
+        return [f"--nproc must be >= 1, got {nproc}"]
+    problems = []
+    if args.jobs > 1:
+        problems.append(
+            f"--nproc {nproc} trains each run on {nproc} processes, one run at a "
+            f"time: it cannot be combined with --jobs {args.jobs}"
+        )
+    if device is not None and device.type == "mps":
+        problems.append("--nproc: distributed training is not available on mps")
+    if device is not None and device.type == "cuda":
+        import torch
+
+        if device.index is not None:
+            problems.append(
+                f"--nproc puts process r on cuda:r: give --device cuda, not {device}"
+            )
+        elif torch.cuda.device_count() < nproc:
+            problems.append(
+                f"--nproc {nproc} needs {nproc} GPUs (one per process), "
+                f"{torch.cuda.device_count()} found"
+            )
+    for name in names:
+        if name in NOT_DISTRIBUTED:
+            problems.append(
+                f"--nproc: {name} cannot run distributed: {NOT_DISTRIBUTED[name]}"
+            )
+    # each process takes an equal share of every batch
+    sizes = {"[solver] train_mb_size": solver.get("train_mb_size", 128)}
+    if protocol.get("replay_mb_size") is not None:
+        sizes["[protocol] replay_mb_size"] = protocol["replay_mb_size"]
+    for name in names:
+        if name in STRATEGIES and name not in NOT_DISTRIBUTED:
+            for key, value in per_process_sizes(name, settings[name]).items():
+                sizes[f"[strategies.{name}] {key}"] = value
+    for key, value in sizes.items():
+        if isinstance(value, int) and value % nproc:
+            problems.append(
+                f"--nproc {nproc}: {key} = {value} is not divisible among "
+                f"{nproc} processes"
+            )
+    return problems
+
+
 def _default_output(benchmark: str) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     folder = RUNS_FOLDER / f"{benchmark}-{stamp}"
@@ -430,6 +483,9 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         problems.append(f"--threads must be >= 1, got {args.threads}")
     if args.jobs < 1:
         problems.append(f"--jobs must be >= 1, got {args.jobs}")
+    if args.nproc != 1:
+        settings = {name: config["strategies"].get(name, {}) for name in names}
+        problems += _nproc_problems(args, device, names, settings, solver, protocol)
     root = data.resolve_data_root(args.data_root)
     try:
         data.check_data_root(spec, root)
@@ -500,4 +556,5 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         tensorboard=args.tensorboard,
         replay_quality=not args.no_replay_quality,
         left_out=left_out,
+        nproc=args.nproc,
     )

@@ -26,6 +26,9 @@ __all__ = [
     "build_strategy",
     "setting_parameters",
     "UNSUPPORTED_SCENARIOS",
+    "NOT_DISTRIBUTED",
+    "per_process_sizes",
+    "per_process_settings",
 ]
 
 SOLVER_MODELS = ("mlp", "slim_resnet18")
@@ -346,6 +349,36 @@ _GIVEN_BY_THE_HARNESS = {
     "generator_trainer",
 }
 _GIVEN_BY_THE_HARNESS |= PROTOCOL_KEYS
+
+
+# what cannot train under distributed training (--nproc), and why
+NOT_DISTRIBUTED = {
+    "gr": "Avalanche's GenerativeReplay trains its VAE with a strategy of its "
+    "own, whose GenerativeReplayPlugin does not support distributed training",
+}
+# a strategy's own batch sizes, per process under distributed training as
+# the solver's are (divided by the number of processes to keep the total)
+_PER_PROCESS_SETTINGS = ("generator_mb_size",)
+
+
+def per_process_sizes(name: str, settings: dict) -> Dict[str, int]:
+    """The batch sizes among strategy ``name``'s settings (given, or its
+    defaults) that each process of a distributed run takes a share of."""
+    parameters = setting_parameters(name)
+    return {
+        key: settings.get(key, parameters[key].default)
+        for key in _PER_PROCESS_SETTINGS
+        if key in parameters
+    }
+
+
+def per_process_settings(name: str, settings: dict, processes: int) -> dict:
+    """``settings`` with each of :func:`per_process_sizes` divided by the
+    number of ``processes`` (the plan checked that they divide)."""
+    if processes == 1:
+        return settings
+    sizes = per_process_sizes(name, settings)
+    return {**settings, **{k: v // processes for k, v in sizes.items()}}
 
 
 def setting_parameters(name: str) -> Dict[str, inspect.Parameter]:

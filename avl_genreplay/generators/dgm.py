@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avl_genreplay.distributed import average_gradients, extreme
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
 from avl_genreplay.generators.masks import GrowableLayer, TaskMask, annealed_scale
 from avl_genreplay.generators.wgan_gp import ConvCritic, _base_size, gradient_penalty
@@ -446,6 +447,8 @@ class DGMTrainer(GeneratorTrainer):
         conditioned on the label by projection.
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         generator: MaskedConvGenerator,
@@ -556,6 +559,10 @@ class DGMTrainer(GeneratorTrainer):
             generator.assign_classes(y)
         else:
             generator.assign_classes(y[~replayed], again=True)
+        # under distributed training a class is the task's once any rank's
+        # batch held it, so every rank takes its generator steps alike
+        merged = extreme(generator.class_tasks.to(torch.uint8), largest=True)
+        generator.class_tasks = merged.bool()
         generator.train()
         discriminator.train()
         scale = self.scale()
@@ -584,6 +591,7 @@ class DGMTrainer(GeneratorTrainer):
         loss = -wasserstein + self.gp_weight * penalty + self.aux_weight * auxiliary
         self.discriminator_optimizer.zero_grad()
         loss.backward()
+        average_gradients(self.discriminator_optimizer)
         self.discriminator_optimizer.step()
         losses = {
             "critic": loss.item(),
@@ -610,6 +618,7 @@ class DGMTrainer(GeneratorTrainer):
         generator.block_gradients()
         for mask in generator.masks():
             mask.compensate_gradient(scale, self.s_max)
+        average_gradients(self.generator_optimizer)
         self.generator_optimizer.step()
         for mask in generator.masks():
             mask.clamp_(self.embedding_limit)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from avl_genreplay.distributed import average_gradients, union
 from avl_genreplay.generators.base import (
     GeneratorTrainer,
     ImageGenerator,
@@ -411,6 +412,8 @@ class DDPMTrainer(GeneratorTrainer):
         experience to the next. Needs a class-conditional generator.
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         generator: DiffusionGenerator,
@@ -452,7 +455,9 @@ class DDPMTrainer(GeneratorTrainer):
         if self.average is not None:
             self.average.load_into_module()
             self.average = None
-        self.learned_classes = sorted(set(self.learned_classes) | self._classes_now)
+        # every rank's batches: the classes must be the same on every rank
+        learned = union(self._classes_now)
+        self.learned_classes = sorted(set(self.learned_classes) | learned)
         self._classes_now = set()
         self.teacher = None
 
@@ -515,6 +520,7 @@ class DDPMTrainer(GeneratorTrainer):
         loss = self.loss(x, y, replayed)
         self.optimizer.zero_grad()
         loss.backward()
+        average_gradients(self.optimizer)
         self.optimizer.step()
         if self.average is not None:
             self.average.update()
