@@ -5,7 +5,9 @@ their own in any Avalanche template: :class:`SolverReplayPlugin` (generated
 inputs of past experiences replayed to the solver),
 :class:`GeneratorTrainingPlugin` (the generator learns each experience plus
 its own replay) and :class:`ReplayPoolPlugin` (samples generated once per
-experience, for generators too slow to sample at every step). Replay quality
+experience, for generators too slow to sample at every step); under
+``torchrun`` they train data-parallel (:mod:`avl_genreplay.distributed`, whose
+:class:`DataParallelPlugin` trains the solver so). Replay quality
 is measured by Avalanche metrics (:func:`replay_quality_metrics`) against a
 reference classifier (:func:`train_reference_classifier`).
 """
@@ -17,6 +19,7 @@ with warnings.catch_warnings():
     # warns at import wherever no QP solver is installed
     warnings.filterwarnings("ignore", message="no QP solver found")
     from avl_genreplay.augmentation import InputAugmentationPlugin
+    from avl_genreplay.distributed import DataParallelPlugin
     from avl_genreplay.generator_training import (
         GeneratorTrainingError,
         GeneratorTrainingPlugin,
@@ -58,6 +61,7 @@ __all__ = [
     "SolverReplayPlugin",
     "UntrainedGeneratorWarning",
     "InputAugmentationPlugin",
+    "DataParallelPlugin",
     "retained_bytes",
     "GeneratorTrainingPlugin",
     "TrainingGuard",

@@ -16,10 +16,12 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor
 
+from avl_genreplay.distributed import RankRandom
+
 __all__ = ["InputAugmentationPlugin"]
 
 
-class InputAugmentationPlugin(SupervisedPlugin):
+class InputAugmentationPlugin(SupervisedPlugin, supports_distributed=True):
     """Trains the solver on randomly transformed minibatches.
 
     The transformed batch stands in ``strategy.mbatch`` from the forward pass
@@ -27,7 +29,10 @@ class InputAugmentationPlugin(SupervisedPlugin):
     LwF's distillation of the previous model) see what the solver saw; the
     untransformed batch is put back after the backward pass, for plugins that
     learn the data itself afterwards (a generator trained alongside the
-    solver). Evaluation is never transformed.
+    solver). Evaluation is never transformed. Under distributed training
+    each rank draws its transformations from a random stream of its own
+    (:class:`~avl_genreplay.distributed.RankRandom`), so ranks do not
+    transform their shares of the batch alike.
 
     :param transform: a random transformation of a batch of inputs, e.g.
         ``kornia.augmentation.RandomAffine(degrees=10, p=1.0)``.
@@ -41,10 +46,14 @@ class InputAugmentationPlugin(SupervisedPlugin):
             )
         self.transform = transform
         self._untransformed: Optional[Tensor] = None
+        self.random = RankRandom(type(self).__name__)
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.random.reset()
 
     def before_forward(self, strategy, **kwargs):
         self._untransformed = strategy.mbatch[0]
-        with torch.no_grad():
+        with torch.no_grad(), self.random(strategy.device):
             strategy.mbatch[0] = self.transform(self._untransformed)
 
     def after_backward(self, strategy, **kwargs):

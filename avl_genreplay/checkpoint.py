@@ -13,6 +13,13 @@ classes by reference while checkpointing avoids it. And Avalanche's RAM
 metrics keep a handle on the process that saved them: in a restarted process
 they would watch a process that is gone, so the restored ones are pointed at
 the current process.
+
+Under distributed training (``torchrun``) every rank holds the same state:
+rank 0 alone writes the file, and every rank reads it (a run over several
+machines needs it on a file system they share). The checkpoint then holds no
+loggers (Avalanche creates them on the main process only, and a non-main
+rank that unpickled them would reopen and write to their files): a restored
+strategy keeps the loggers it was built with.
 """
 
 import os
@@ -22,6 +29,7 @@ from typing import Any, Collection, Optional
 
 import dill
 from avalanche.checkpointing import checkpoint as _avalanche
+from avalanche.distributed import DistributedHelper
 
 __all__ = ["save_checkpoint", "maybe_load_checkpoint"]
 
@@ -38,11 +46,29 @@ def _classes_by_reference():
         dill.settings["byref"] = previous
 
 
+@contextmanager
+def _without_loggers(strategy):
+    evaluator = getattr(strategy, "evaluator", None)
+    loggers = getattr(evaluator, "loggers", None)
+    if loggers is None or not DistributedHelper.is_distributed:
+        yield
+        return
+    evaluator.loggers = []
+    try:
+        yield
+    finally:
+        evaluator.loggers = loggers
+
+
 def save_checkpoint(strategy, fname, exclude: Optional[Collection[str]] = None):
     """Saves the strategy's state (see Avalanche's ``save_checkpoint``); call it
-    between experiences, e.g. after each ``strategy.train(experience)``."""
-    with _classes_by_reference():
-        _avalanche.save_checkpoint(strategy, fname, exclude=exclude)
+    between experiences, e.g. after each ``strategy.train(experience)``, on
+    every rank alike under distributed training (rank 0 writes; the others
+    wait for it)."""
+    if DistributedHelper.is_main_process:
+        with _classes_by_reference(), _without_loggers(strategy):
+            _avalanche.save_checkpoint(strategy, fname, exclude=exclude)
+    DistributedHelper.barrier()
 
 
 def maybe_load_checkpoint(
@@ -53,10 +79,16 @@ def maybe_load_checkpoint(
 
     :return: ``(strategy, index of the next experience to train)``.
     """
+    evaluator = getattr(strategy, "evaluator", None)
+    loggers = getattr(evaluator, "loggers", None)
     with _classes_by_reference():
         strategy, start = _avalanche.maybe_load_checkpoint(
             strategy, fname, map_location=map_location, unique_objects=unique_objects
         )
+    restored = getattr(strategy, "evaluator", None)
+    if loggers is not None and restored is not None and not restored.loggers:
+        # a checkpoint written under distributed training holds no loggers
+        restored.loggers = loggers
     _watch_this_process(strategy)
     return strategy, start
 

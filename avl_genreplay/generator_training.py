@@ -8,6 +8,7 @@ the previous generator, so that it learns the inputs of all experiences seen
 generator step per solver iteration.
 """
 
+import inspect
 import math
 from copy import deepcopy
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -20,6 +21,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from avl_genreplay.distributed import (
+    RankRandom,
+    average_values,
+    broadcast_modules,
+    first_found,
+    shard_sampler,
+)
 from avl_genreplay.generators.base import GeneratorTrainer
 from avl_genreplay.replay import (
     LearningCheck,
@@ -65,7 +73,8 @@ class TrainingGuard:
     learning rate times ``lr_decay``; after ``max_retries`` rollbacks in one
     experience, :class:`GeneratorTrainingError` stops the run, so the solver
     never learns from a broken generator. Rollbacks are listed in
-    :attr:`rollbacks`.
+    :attr:`rollbacks`. Under distributed training every rank rolls back
+    when one finds a problem (ranks must take the same steps).
 
     :class:`GeneratorTrainingPlugin` calls :meth:`start_experience` before it
     trains the generator on an experience, :meth:`after_step` after each step
@@ -157,6 +166,7 @@ class TrainingGuard:
         # a short run (< check_every steps) is not judged by classes
         if problem is None and step == self._iterations >= self.check_every:
             problem = self.sample_problem(final=True)
+        problem = first_found(problem, self._device)
         if problem is None:
             if step % self.check_every == 0:
                 self._good_state = deepcopy(self._trainer.state_dict())
@@ -248,6 +258,12 @@ def dataset_tensors(
     return torch.cat(xs), torch.cat(ys)
 
 
+def _takes_replay_mask(trainer: GeneratorTrainer) -> bool:
+    """Whether the trainer's ``train_step`` takes ``replayed`` (see
+    :meth:`~avl_genreplay.generators.base.GeneratorTrainer.train_step`)."""
+    return "replayed" in inspect.signature(trainer.train_step).parameters
+
+
 def _is_last(experience) -> bool:
     """Whether ``experience`` is the last of its stream."""
     try:
@@ -284,7 +300,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
     Each generator batch holds ``replay_share`` replayed samples of past
     experiences and real samples of the current one for the rest. A
     class-conditional generator gets the real labels and, for replay, the
-    requested past classes.
+    requested past classes. A trainer whose ``train_step`` takes
+    ``replayed`` (DGM's, the diffusion model's) also gets which samples are
+    replay, which labels cannot tell where experiences share classes.
 
     :param trainer: the generator's training step (holds the generator, its
         critic if any, and their optimisers).
@@ -324,6 +342,17 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         it on to continue training on more experiences later. The last
         experience is the one whose ``current_experience`` is the last index
         of its ``origin_stream``.
+
+    Under distributed training (``torchrun``, Avalanche's
+    ``DistributedHelper``) the generator trains data-parallel in step with
+    the solver: each rank trains on its own share of the experience (with
+    ``schedule="after"``; alongside, on its share of the solver's batch) and
+    its own replay, with noise of its own, and the trainer averages the
+    gradients across ranks before each step; every experience starts and ends
+    with rank 0's generator and critic on every rank, and the losses reported
+    are the means over ranks. ``train_mb_size`` is per process, as
+    Avalanche's. Declares ``supports_distributed`` only for a trainer that
+    does (this package's do).
     """
 
     def __init__(
@@ -373,6 +402,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         self.guard: Optional[TrainingGuard] = guard() if callable(guard) else guard
         self.train_after_last = train_after_last
         self._skip_experience = False
+        # the gradients are the trainer's to average
+        self.supports_distributed = bool(getattr(trainer, "supports_distributed", 0))
+        self._random = RankRandom(type(self).__name__)
 
     def current_replay_share(self) -> float:
         if not self.past:
@@ -404,6 +436,10 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             strategy.experience
         )
         self.trainer.start_experience(self.experience_index)
+        # the trainer may have initialised something at random (DGM's fresh
+        # mask embeddings); every rank starts from rank 0's networks
+        broadcast_modules(self.generator, *self.trainer.modules().values())
+        self._random.reset()
         self._alongside = _LossMeans()
 
     def after_training_iteration(self, strategy, **kwargs):
@@ -419,6 +455,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         if self.schedule == "alongside" and self._alongside.counts:
             self.loss_history.append(self._alongside.result())
         self.trainer.end_experience(self.experience_index)
+        # what each rank measured on its own data (batch-norm statistics) or
+        # grew at random (DGM's new units) becomes rank 0's
+        broadcast_modules(self.generator, *self.trainer.modules().values())
         self.past.add(
             experience_task_label(strategy.experience),
             experience_classes(strategy.experience),
@@ -432,8 +471,12 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
 
     def _batches(self, loader):
         """Batches of the loader, epoch after epoch, without end."""
+        epoch = 0
         while True:
+            if hasattr(loader.sampler, "set_epoch"):  # a rank's share
+                loader.sampler.set_epoch(epoch)
             yield from loader
+            epoch += 1
 
     def _train_on_experience(self, strategy):
         share = self.current_replay_share()
@@ -444,14 +487,18 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             dataset = TensorDataset(
                 *dataset_tensors(dataset, num_workers=self.num_workers)
             )
+        # under distributed training, this rank's share of the experience
+        sampler = shard_sampler(dataset)
+        size = len(dataset) if sampler is None else len(sampler)
         loader = DataLoader(
             dataset,
             batch_size=max(n_real, 1),
-            shuffle=True,
-            drop_last=len(dataset) > n_real,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=size > n_real,
             num_workers=self.num_workers,
         )
-        iterations = self._iterations(len(dataset), n_real)
+        iterations = self._iterations(size, n_real)
         bar = tqdm(
             total=iterations,
             desc=f"generator, experience {self.experience_index}",
@@ -515,12 +562,20 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             n_replay = round(len(real_x) * share / max(1 - share, 1e-8))
         x, y = real_x, real_y
         conditional = is_conditional(self.generator)
-        if self.old_generator is not None and n_replay > 0:
-            with torch.no_grad():
-                replay_x, conditions, _ = sample_past_inputs(
-                    self.old_generator, n_replay, self.past, device
-                )
-            x = torch.cat([real_x, replay_x])
-            if conditional:
-                y = torch.cat([real_y, conditions])
-        return self.trainer.train_step(x, y if conditional else None)
+        # replay and noise of this rank's own: ranks must not draw alike
+        with self._random(device):
+            if self.old_generator is not None and n_replay > 0:
+                with torch.no_grad():
+                    replay_x, conditions, _ = sample_past_inputs(
+                        self.old_generator, n_replay, self.past, device
+                    )
+                x = torch.cat([real_x, replay_x])
+                if conditional:
+                    y = torch.cat([real_y, conditions])
+            labels = y if conditional else None
+            if _takes_replay_mask(self.trainer):
+                replayed = torch.arange(len(x), device=x.device) >= len(real_x)
+                losses = self.trainer.train_step(x, labels, replayed=replayed)
+            else:
+                losses = self.trainer.train_step(x, labels)
+        return average_values(losses, device)

@@ -22,6 +22,12 @@ experience, whether or how often ``eval`` is called.
 The first three share a :class:`ReplaySampler`, which draws the samples and
 passes them through the reference once per experience (a diffusion model's
 samples are dear). :func:`replay_quality_metrics` builds them all.
+
+Under distributed training (``torchrun``) they are computed and emitted on
+the main process alone: every rank holds the same generator (and the same
+losses, averaged over ranks), Avalanche's loggers live on the main process
+only, and the sampling leaves the global random state alone, so skipping it
+elsewhere changes nothing but the time spent.
 """
 
 import warnings
@@ -32,6 +38,7 @@ import torch
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue, TensorImage
 from avalanche.evaluation.metric_utils import get_metric_name
+from avalanche.distributed import DistributedHelper
 from avalanche.models.generator import Generator
 from torch import Tensor, nn
 from torchvision.utils import make_grid
@@ -299,6 +306,8 @@ class _ReplayMetric(PluginMetric[Dict[str, object]]):
         self._last = {}
 
     def after_training_exp(self, strategy) -> List[MetricValue]:
+        if not DistributedHelper.is_main_process:
+            return []
         samples = self.sampler.observe(strategy)
         values = self._compute(samples, strategy)
         self._last = {}
@@ -502,6 +511,8 @@ class GeneratorLossMetric(PluginMetric[Dict[str, float]]):
         return None
 
     def after_training_exp(self, strategy) -> List[MetricValue]:
+        if not DistributedHelper.is_main_process:
+            return []
         plugin = self._find_plugin(strategy)
         if plugin is None:
             # a metric should not end a run that may have trained for hours

@@ -23,11 +23,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+from avalanche.distributed import DistributedHelper
 from avalanche.models.generator import Generator
 from avalanche.models.utils import avalanche_forward
 from torch import Tensor, nn
 
 from avl_genreplay.augmentation import InputAugmentationPlugin
+from avl_genreplay.distributed import RankRandom, sum_counts
 
 __all__ = [
     "PastClasses",
@@ -43,6 +45,7 @@ __all__ = [
     "check_generator_shape",
     "check_generator_classes",
     "sample_past_inputs",
+    "on_every_head",
     "restrict_logits",
     "past_classes_mask",
     "distillation_loss",
@@ -273,12 +276,23 @@ def distillation_loss(
     return reduced * temperature**2
 
 
-def class_balancing_weights(labels: Tensor) -> Tensor:
+def class_balancing_weights(
+    labels: Tensor, *, groups: Optional[Tensor] = None
+) -> Tensor:
     """Per-sample weights, summing to one, that give every label present in
-    the batch the same total weight."""
-    counts = torch.bincount(labels)
-    weights = 1.0 / counts[labels].float()
-    return weights / weights.sum()
+    the batch the same total weight; with ``groups`` (e.g. the head each
+    sample is scored on), every group the same total weight and, within it,
+    every label."""
+    if groups is None:
+        counts = torch.bincount(labels)
+        weights = 1.0 / counts[labels].float()
+        return weights / weights.sum()
+    weights = torch.empty(len(labels), device=labels.device)
+    present = groups.unique()
+    for group in present:
+        members = groups == group
+        weights[members] = class_balancing_weights(labels[members]) / len(present)
+    return weights
 
 
 def _balanced(values: Sequence[int], n: int, device) -> Tensor:
@@ -310,7 +324,29 @@ def sample_past_inputs(
     return generator.generate(n).to(device), None, tasks
 
 
-class SolverReplayPlugin(SupervisedPlugin):
+def on_every_head(
+    x: Tensor, conditions: Optional[Tensor], tasks: Tensor, heads: Sequence[int]
+) -> tuple:
+    """Each sample once per head (task label) in ``heads``, head after head,
+    for scoring every replayed sample on every past head.
+
+    :return: ``(x, conditions or None, own task labels, head of each row)``,
+        the own task labels being those ``tasks`` gave each sample.
+    """
+    repeats = len(heads)
+    x = x.repeat(repeats, *([1] * (x.dim() - 1)))
+    if conditions is not None:
+        conditions = conditions.repeat(repeats)
+    head_of_row = torch.as_tensor(list(heads), device=tasks.device)
+    return (
+        x,
+        conditions,
+        tasks.repeat(repeats),
+        head_of_row.repeat_interleave(len(tasks)),
+    )
+
+
+class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
     """Replays generated inputs of past experiences to the solver.
 
     Works with any :class:`avalanche.models.generator.Generator` (e.g. this
@@ -320,6 +356,28 @@ class SolverReplayPlugin(SupervisedPlugin):
     ``MultiTaskModule``; labels restricted to the classes of each task) and
     domain-incremental streams. The generator is trained elsewhere, e.g. by
     :class:`avl_genreplay.generator_training.GeneratorTrainingPlugin`.
+
+    In a task-incremental stream, an unconditional generator's samples carry
+    no task: by default each gets a past task label drawn evenly, so it may
+    be scored on a head that is not its own. ``score_every_head`` instead
+    scores every replayed sample on every past head, as does the
+    task-incremental DGR of van de Ven & Tolias (2019): the old solver's head
+    of each past task label, restricted to that task's classes, labels all
+    the samples (or gives their soft targets), the new solver's head learns
+    them, and the replay loss is the mean over the heads.
+    :attr:`last_replay` then holds each sample once per head (``t`` its head)
+    and :attr:`replayed_class_counts` counts each sample once per head.
+
+    Under distributed training (``torchrun``, Avalanche's
+    ``DistributedHelper``) each rank replays samples of its own (drawn from a
+    random stream of its own, :class:`~avl_genreplay.distributed.RankRandom`)
+    beside its share of the minibatch, so ranks do not replay the same
+    samples; ``replay_mb_size`` is per process, as Avalanche's
+    ``train_mb_size``, and :attr:`replayed_class_counts` sums every rank's.
+    The solver's gradients are averaged by whoever trains it data-parallel
+    (:class:`~avl_genreplay.distributed.DataParallelPlugin`, which this
+    package's strategies add, or a solver wrapped with
+    ``DistributedHelper.wrap_model``).
 
     :param generator: the generator whose samples are replayed. A frozen copy
         taken before each experience is sampled, so a generator trained
@@ -349,6 +407,14 @@ class SolverReplayPlugin(SupervisedPlugin):
         backward pass (see :class:`~avl_genreplay.augmentation.
         InputAugmentationPlugin`); the generator still trains on the
         untransformed data. ``None`` for no transformation.
+    :param score_every_head: score every replayed sample on the head of every
+        past task label (see above) instead of on one task label's. With one
+        task label (class- and domain-incremental streams) it changes
+        nothing. A class-conditional generator's samples are generated as
+        without it (evenly per past class) and, on their own task's head,
+        labelled by their class unless ``relabel``; on the other heads the old
+        solver labels them. Such a generator knows each sample's task, so it
+        does not need this.
     """
 
     def __init__(
@@ -362,6 +428,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         relabel: bool = False,
         balance_classes: bool = False,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
+        score_every_head: bool = False,
     ):
         super().__init__()
         if augment is not None and not callable(augment):
@@ -382,6 +449,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.relabel = relabel
         self.balance_classes = balance_classes
         self.augment = augment
+        self.score_every_head = score_every_head
         # the current data takes the transformation the way every strategy's
         # does (InputAugmentationPlugin); the replay takes it in sample()
         self._inputs = None if augment is None else InputAugmentationPlugin(augment)
@@ -394,6 +462,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         self.replayed_class_counts: List[Dict[int, int]] = []
         self._counts: Counter = Counter()
         self.learning_check = LearningCheck(type(self).__name__)
+        self.random = RankRandom(type(self).__name__)
 
     def current_ratio(self) -> float:
         """The weight of the current data's loss for the experience at hand."""
@@ -409,9 +478,15 @@ class SolverReplayPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         self.learning_check.before_experience(self.generator, bool(self.past))
         if self.past:
-            self.old_solver = frozen_copy(strategy.model)
+            # a copy of the module, not of a DistributedDataParallel wrapper
+            self.old_solver = frozen_copy(
+                DistributedHelper.unwrap_model(strategy.model)
+            )
             self.old_generator = frozen_copy(self.generator)
         self._counts: Counter = Counter()
+        self.random.reset()
+        if self._inputs is not None:
+            self._inputs.before_training_exp(strategy)
 
     def after_training_exp(self, strategy, **kwargs):
         self.past.add(
@@ -420,7 +495,7 @@ class SolverReplayPlugin(SupervisedPlugin):
         )
         self.old_solver = self.old_generator = None
         self.last_replay = None
-        self.replayed_class_counts.append(dict(sorted(self._counts.items())))
+        self.replayed_class_counts.append(sum_counts(self._counts))
 
     def allowed_classes(self, tasks: Tensor, num_outputs: int) -> Tensor:
         """Boolean ``(batch, outputs)`` mask of the past classes of each
@@ -429,20 +504,30 @@ class SolverReplayPlugin(SupervisedPlugin):
 
     @torch.no_grad()
     def sample(self, n: int, device) -> Replay:
-        """A labelled batch of ``n`` replayed samples of past experiences."""
-        x, conditions, tasks = sample_past_inputs(
+        """A labelled batch of ``n`` replayed samples of past experiences
+        (``n`` per past task label with ``score_every_head``)."""
+        x, conditions, own_tasks = sample_past_inputs(
             self.old_generator, n, self.past, device
         )
         if self.augment is not None:
             x = self.augment(x)
-        need_solver = conditions is None or self.relabel or self.soft_targets
+        tasks = own_tasks
+        if self.score_every_head:
+            x, conditions, own_tasks, tasks = on_every_head(
+                x, conditions, own_tasks, sorted(self.past.by_task)
+            )
+        # a requested class labels its sample on its own task's head only
+        by_condition = None
+        if conditions is not None and not self.relabel:
+            by_condition = tasks == own_tasks
         logits = None
         y = conditions
-        if need_solver:
+        if by_condition is None or self.soft_targets or not by_condition.all():
             raw = avalanche_forward(self.old_solver, x, tasks)
             logits = restrict_logits(raw, self.allowed_classes(tasks, raw.shape[1]))
-            if conditions is None or self.relabel:
-                y = logits.argmax(dim=1)
+            y = logits.argmax(dim=1)
+            if by_condition is not None:
+                y = torch.where(by_condition, conditions, y)
         return Replay(x, y, tasks, logits)
 
     def before_forward(self, strategy, **kwargs):
@@ -457,11 +542,17 @@ class SolverReplayPlugin(SupervisedPlugin):
         if self.old_generator is None:
             return
         n = self.replay_mb_size or len(strategy.mb_x)
-        replay = self.sample(n, strategy.device)
+        with self.random(strategy.device):
+            replay = self.sample(n, strategy.device)
         self.last_replay = replay
         self._counts.update(replay.y.tolist())
         output = avalanche_forward(strategy.model, replay.x, replay.t)
-        weights = class_balancing_weights(replay.y) if self.balance_classes else None
+        weights = None
+        if self.balance_classes:
+            # with every head scoring, each head weighs the same, as in the
+            # unweighted mean over the heads
+            heads = replay.t if self.score_every_head else None
+            weights = class_balancing_weights(replay.y, groups=heads)
         if self.soft_targets:
             allowed = self.allowed_classes(replay.t, output.shape[1])
             replay_loss = distillation_loss(

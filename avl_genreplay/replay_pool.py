@@ -24,11 +24,13 @@ import torch.nn.functional as F
 # (iCaRL) use this one
 from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 from avalanche.core import SupervisedPlugin
+from avalanche.distributed import DistributedHelper
 from avalanche.models.generator import Generator
 from avalanche.models.utils import avalanche_forward
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from avl_genreplay.distributed import RankRandom, gather_shares
 from avl_genreplay.replay import (
     LearningCheck,
     PastClasses,
@@ -121,7 +123,7 @@ class ReplayPool(Generator, nn.Module):
         )
 
 
-class ReplayPoolPlugin(SupervisedPlugin):
+class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
     """Refills a :class:`ReplayPool` before each experience (from the second
     on) with ``samples_per_class`` samples of every past class, drawn from a
     class-conditional generator and guided by the previous solver.
@@ -139,6 +141,12 @@ class ReplayPoolPlugin(SupervisedPlugin):
     :param guide_on: guide on the predicted clean image (``"x0"``) or on the
         noisy one (``"xt"``), for generators that support guidance.
     :param progress_bar: show the sampling's progress.
+
+    Under distributed training (``torchrun``, Avalanche's
+    ``DistributedHelper``) each rank generates its share of the pool, with
+    noise of its own, and the shares are gathered: every rank ends with the
+    same pool, in the order a single process would fill it, at about
+    ``1 / ranks`` of the sampling time.
     """
 
     def __init__(
@@ -172,11 +180,13 @@ class ReplayPoolPlugin(SupervisedPlugin):
         # for a diffusion model, its sampler and denoising steps
         self.sampling_log: List[dict] = []
         self.learning_check = LearningCheck(type(self).__name__)
+        self.random = RankRandom(type(self).__name__)
 
     def before_training_exp(self, strategy, **kwargs):
         self.learning_check.before_experience(self.generator, bool(self.past))
         if not self.past:
             return
+        self.random.reset()
         pairs = self.past.task_class_pairs()
         tasks = torch.tensor(
             [t for t, _ in pairs], device=strategy.device
@@ -184,9 +194,15 @@ class ReplayPoolPlugin(SupervisedPlugin):
         labels = torch.tensor(
             [c for _, c in pairs], device=strategy.device
         ).repeat_interleave(self.samples_per_class)
-        solver = frozen_copy(strategy.model)
+        solver = frozen_copy(DistributedHelper.unwrap_model(strategy.model))
         started = time.time()
-        x = self._generate(solver, labels, tasks)
+
+        def share(indices: Tensor) -> Tensor:
+            indices = indices.to(labels.device)
+            with self.random(strategy.device):
+                return self._generate(solver, labels[indices], tasks[indices])
+
+        x = gather_shares(len(labels), share)
         seconds = time.time() - started
         self.pool.to(strategy.device)
         self.pool.fill(x, labels, tasks)

@@ -10,12 +10,17 @@ import torch
 from PIL import Image
 
 from avl_genreplay.bench import data
-from avl_genreplay.bench.cli import main
-from avl_genreplay.bench.plan import _writable_problem
+from avl_genreplay.bench.cli import build_parser, main
+from avl_genreplay.bench.plan import PlanError, _writable_problem, make_plan
 from avl_genreplay.bench.config import load_config
 from avl_genreplay.bench.report import sampling_table
 from avl_genreplay.bench.runner import RunSpec, peak_ram_mb, run_strategy
-from avl_genreplay.bench.strategies import STRATEGIES
+from avl_genreplay.bench.strategies import (
+    STRATEGIES,
+    StrategyContext,
+    build_solver,
+    build_strategy,
+)
 
 
 def test_data_root_comes_from_the_flag_then_the_environment(monkeypatch, tmp_path):
@@ -37,6 +42,23 @@ def test_real_splitmnist_has_the_fixed_class_order(mnist):
     classes = [e.classes_in_this_experience for e in mnist.train_stream]
     assert classes == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     assert mnist.train_stream[0].dataset[0][0].shape == (1, 28, 28)
+
+
+def test_real_permutedmnist_permutes_the_pixels_of_all_ten_classes(data_root):
+    """Each experience holds the 10 classes, labelled alike, and shows the
+    same image under another permutation of its pixels."""
+    permuted = data.make_benchmark(
+        "permutedmnist", scenario="domain", n_experiences=2, data_root=data_root
+    )
+    assert [e.task_label for e in permuted.train_stream] == [0, 0]
+    first, second = (e.dataset[0] for e in permuted.train_stream)
+    for experience in permuted.train_stream:
+        assert experience.classes_in_this_experience == list(range(10))
+    assert first[1] == second[1] and first[0].shape == (1, 28, 28)
+    assert not torch.equal(first[0], second[0])
+    assert torch.equal(
+        first[0].flatten().sort().values, second[0].flatten().sort().values
+    )
 
 
 def test_every_benchmark_has_a_config_with_every_runnable_strategy():
@@ -222,6 +244,162 @@ def test_cli_errors_are_one_line_and_nonzero(arguments, message, tmp_path, capsy
     assert not (tmp_path / "out" / "splitmnist_class_il.json").exists()
 
 
+def _plan(*arguments, data_root, tmp_path):
+    args = build_parser().parse_args(
+        ["bench", "--data-root", str(data_root), "--output", str(tmp_path / "out")]
+        + list(arguments)
+    )
+    return make_plan(args, arguments)
+
+
+def test_permutedmnist_plans_a_domain_incremental_comparison(data_root, tmp_path):
+    """PermutedMNIST defaults to its only scenario, domain-incremental, with
+    10 experiences (any number from 1: each holds all 10 classes) and one
+    10-way head; --quick takes 3."""
+    plan = _plan("--benchmark", "permutedmnist", data_root=data_root, tmp_path=tmp_path)
+    assert (plan.scenario, plan.n_experiences) == ("domain", 10)
+    assert plan.stem == "permutedmnist_domain_il"
+    assert plan.solver_outputs == 10
+    assert plan.header()["scenario"] == "domain-incremental"
+    quick = _plan(
+        "--benchmark",
+        "permutedmnist",
+        "--quick",
+        data_root=data_root,
+        tmp_path=tmp_path,
+    )
+    assert (quick.n_experiences, quick.stem) == (3, "permutedmnist_domain_il_quick")
+    seven = _plan(
+        "--benchmark",
+        "permutedmnist",
+        "--experiences",
+        "7",
+        data_root=data_root,
+        tmp_path=tmp_path,
+    )
+    assert seven.stem == "permutedmnist_domain_il_7exp"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--experiences", "0"], "the number of experiences must be at least 1"),
+        (["--scenario", "class"], "has the domain-incremental scenario only"),
+        (["--scenario", "task"], "has the domain-incremental scenario only"),
+    ],
+)
+def test_permutedmnist_refuses_a_bad_plan_before_training(
+    arguments, message, data_root, tmp_path
+):
+    with pytest.raises(PlanError, match=message):
+        _plan(
+            "--benchmark",
+            "permutedmnist",
+            *arguments,
+            data_root=data_root,
+            tmp_path=tmp_path,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_benchmarks_keep_the_divisor_rule(data_root, tmp_path):
+    with pytest.raises(PlanError, match="must divide the 10 classes equally"):
+        _plan("--experiences", "7", data_root=data_root, tmp_path=tmp_path)
+
+
+def test_a_strategy_that_cannot_run_in_the_scenario_is_left_out(data_root, tmp_path):
+    """Avalanche's GenerativeReplay labels its replay without task labels: a
+    task-incremental comparison of the config's strategies leaves it out
+    (and says so in its results), and one that names it is refused."""
+    plan = _plan("--scenario", "task", data_root=data_root, tmp_path=tmp_path)
+    assert "gr" not in plan.strategies and "dgr" in plan.strategies
+    assert "without task labels" in plan.header()["left_out"]["gr"]
+    assert "gr" in _plan(data_root=data_root, tmp_path=tmp_path).strategies
+    with pytest.raises(PlanError, match="--strategies gr: no task-incremental run"):
+        _plan(
+            "--scenario",
+            "task",
+            "--strategies",
+            "naive,gr",
+            data_root=data_root,
+            tmp_path=tmp_path,
+        )
+
+
+@pytest.mark.parametrize(
+    "name, scenario, n_experiences, first_half, outputs",
+    [
+        ("splitmnist", "domain", 5, False, 2),
+        ("splitmnist", "domain", 2, False, 5),
+        ("splitmnist", "class", 5, False, 10),
+        ("splitmnist", "task", 5, False, 10),
+        ("splitcifar100", "domain", 6, True, 50),
+        ("permutedmnist", "domain", 10, False, 10),
+    ],
+)
+def test_domain_incremental_split_solvers_have_one_output_per_label(
+    name, scenario, n_experiences, first_half, outputs
+):
+    """Domain-incremental Split* streams label each experience's classes from
+    0, so the solver needs as many outputs as an experience has classes."""
+    assert (
+        data.solver_outputs(
+            name,
+            scenario=scenario,
+            n_experiences=n_experiences,
+            first_experience_half=first_half,
+        )
+        == outputs
+    )
+
+
+def test_domain_incremental_splitmnist_runs_a_solver_of_its_labels(
+    data_root, tmp_path, monkeypatch
+):
+    """Two experiences of 5 classes, labelled 0..4 in each: the harness
+    builds a 5-way solver and records it in the results."""
+    from avl_genreplay.bench import runner
+
+    built = []
+
+    def recorded(*args, **kwargs):
+        model = build_solver(*args, **kwargs)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(runner, "build_solver", recorded)
+    out = tmp_path / "out"
+    arguments = ["bench", "--scenario", "domain", "--experiences", "2"]
+    arguments += ["--strategies", "naive", "--seeds", "0", "--epochs", "1"]
+    arguments += ["--train-subset", "50", "--no-images", "--output", str(out)]
+    assert main(arguments + ["--data-root", str(data_root)]) == 0
+    results = json.loads((out / "splitmnist_domain_il_2exp.json").read_text())
+    assert results["solver_outputs"] == 5
+    assert [m.classifier.out_features for m in built] == [5]
+    assert len(results["strategies"]["naive"]["runs"][0]["accuracy_matrix"]) == 2
+
+
+def test_permutedmnist_quick_run_writes_domain_incremental_results(data_root, tmp_path):
+    """--quick on two permutations of 150 training images: one run per
+    strategy, the whole test stream after each experience."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    arguments = ["bench", "--benchmark", "permutedmnist", "--quick"]
+    arguments += ["--experiences", "2", "--train-subset", "150", "--epochs", "1"]
+    arguments += ["--strategies", "naive,dgr", "--output", str(out)]
+    assert main(arguments + ["--data-root", str(data_root)]) == 0
+    results = json.loads((out / "permutedmnist_domain_il_2exp_quick.json").read_text())
+    assert results["benchmark"] == "permutedmnist"
+    assert results["scenario"] == "domain-incremental"
+    assert (results["n_experiences"], results["solver_outputs"]) == (2, 10)
+    assert results["complete"] and list(results["strategies"]) == ["naive", "dgr"]
+    for entry in results["strategies"].values():
+        (run,) = entry["runs"]
+        assert [len(row) for row in run["accuracy_matrix"]] == [2, 2]
+    counts = results["strategies"]["dgr"]["runs"][0]["replayed_class_counts"]
+    assert counts[0] == {} and set(counts[1]) <= set(map(str, range(10)))
+
+
 def test_cli_refuses_an_output_folder_it_cannot_write(data_root, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -316,6 +494,41 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     final = run["accuracy_matrix"][-1]
     assert len(final) == 2
     assert run["final_stream_acc"] == pytest.approx(sum(final) / 2)
+
+
+@pytest.mark.parametrize(
+    "scenario, settings, every_head",
+    [
+        ("task", {}, True),
+        ("class", {}, False),
+        ("domain", {}, False),
+        ("task", {"score_every_head": False}, False),
+    ],
+)
+def test_task_incremental_dgr_scores_replay_on_every_head(
+    scenario, settings, every_head
+):
+    """The harness's DGR scores each replayed sample on every past head in
+    the task-incremental scenario only, unless its config section says
+    otherwise; DGM and DDGR (class-conditional) keep to each sample's task."""
+    model = build_solver({"hidden_size": 8}, (1, 12, 12), 6, scenario)
+    ctx = StrategyContext(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        input_shape=(1, 12, 12),
+        num_classes=6,
+        train_mb_size=8,
+        train_epochs=1,
+        device=torch.device("cpu"),
+        evaluator=None,
+        plugins=[],
+        progress_bar=False,
+        scenario=scenario,
+    )
+    dgr = build_strategy("dgr", ctx, dict(settings))
+    assert dgr.replay_plugin.score_every_head is every_head
+    dgm = build_strategy("dgm_a", ctx, {"noise_dim": 8, "generator_channels": [8, 4]})
+    assert dgm.replay_plugin.score_every_head is False
 
 
 def test_peak_ram_ignores_readings_the_ram_thread_never_took():

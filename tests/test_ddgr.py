@@ -9,7 +9,8 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 
-from avl_genreplay.bench.data import subsample_experience
+from avl_genreplay.bench.data import subsample_experience, synthetic_benchmark
+from avl_genreplay.generator_training import GeneratorTrainingPlugin
 from avl_genreplay.generators.diffusion import DDPMTrainer, DiffusionGenerator
 from avl_genreplay.generators.wgan_gp import ConvGenerator
 from avl_genreplay.replay_pool import ReplayPool, ReplayPoolPlugin
@@ -208,6 +209,62 @@ class LabelRecordingTrainer(DDPMTrainer):
     def train_step(self, x, y=None):
         self.labels.append(y.clone())
         return super().train_step(x, y)
+
+
+class TeacherCallsTrainer(DDPMTrainer):
+    """Records how many samples of each batch its teacher is asked for."""
+
+    def __init__(self, generator, **kwargs):
+        super().__init__(generator, **kwargs)
+        self.teacher_calls = []
+
+    def start_experience(self, experience_index):
+        super().start_experience(experience_index)
+        if self.teacher is not None:
+            predict = self.teacher.predict
+
+            def recorded(noisy, t, y):
+                self.teacher_calls.append(len(y))
+                return predict(noisy, t, y)
+
+            self.teacher.predict = recorded
+
+
+def test_in_a_domain_incremental_stream_only_the_replay_is_distilled():
+    """Both experiences hold classes 0 and 1: the generator-training plugin
+    tells the trainer which half of each batch of 8 is replay, and only those
+    4 samples are distilled. Told by their labels (classes of past
+    experiences), the new data would be distilled too, and never learned."""
+    torch.manual_seed(0)
+    stream = synthetic_benchmark(
+        input_shape=SHAPE,
+        num_classes=4,
+        n_experiences=2,
+        per_class=16,
+        scenario="domain",
+    )
+    trainer = TeacherCallsTrainer(
+        _tiny_diffusion(num_classes=2, sampling_steps=2), distill_replay=True
+    )
+    model = SimpleMLP(num_classes=2, input_size=144, hidden_size=16, drop_rate=0)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_mb_size=8,
+        evaluator=EvaluationPlugin(loggers=[]),
+        plugins=[
+            GeneratorTrainingPlugin(
+                trainer,
+                train_iterations=3,
+                train_mb_size=8,
+                replay_share=0.5,
+                progress_bar=False,
+            )
+        ],
+    )
+    for experience in stream.train_stream:
+        strategy.train(experience)
+    assert trainer.teacher_calls == [4, 4, 4]
 
 
 def test_guidance_on_xt_takes_the_gradient_at_the_noisy_input():

@@ -9,6 +9,7 @@ from avalanche.models import SimpleMLP
 from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 
+from avl_genreplay.bench.data import synthetic_benchmark
 from avl_genreplay.generators.dgm import (
     ACDiscriminator,
     DGMTrainer,
@@ -129,6 +130,35 @@ def test_a_past_task_generates_the_same_samples_after_a_later_task(
     # the later task did learn: its own class changed
     assert (others_after - others_before).abs().max() > 1e-3
     assert generator.class_task.tolist()[:4] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("variant", ["w", "a"])
+def test_each_task_of_a_domain_incremental_stream_learns_its_classes_again(
+    variant,
+):
+    """Every experience of a domain-incremental stream brings classes 0 and 1
+    again: each task takes them under its own mask, with its own generator
+    steps, and a replayed class comes from the masks of all its past tasks.
+    Telling the new data by its labels (classes no past task has) left the
+    later tasks no class to learn, and no generator step."""
+    torch.manual_seed(0)
+    stream = synthetic_benchmark(
+        input_shape=SHAPE,
+        num_classes=6,
+        n_experiences=3,
+        per_class=16,
+        scenario="domain",
+    )
+    strategy = _dgm(variant, generator_iterations=6, critic_steps=1)
+    generator, trainer = strategy.generator, strategy.generator_trainer
+    for index, experience in enumerate(stream.train_stream):
+        strategy.train(experience)
+        assert trainer.generator_steps == 6
+        assert generator.class_tasks[:2, : index + 1].all()
+        assert not generator.class_tasks[2:].any()
+    generator.eval()
+    tasks = generator.task_of(torch.tensor([0, 1]).repeat(150))
+    assert sorted(set(tasks.tolist())) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("variant", ["w", "a"])

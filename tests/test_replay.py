@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
-from avalanche.models import MlpVAE, SimpleMLP, as_multitask
+from avalanche.models import MlpVAE, MultiTaskModule, SimpleMLP, as_multitask
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin
 from torch import nn
@@ -385,6 +385,127 @@ def test_task_incremental_replay_reaches_the_head_of_its_task(conditional):
         assert torch.equal(tasks, replay.t) and heads_agree
 
 
+def _head_inputs(model, tasks):
+    """Records the input of each of the heads of ``tasks`` of a multi-head
+    solver at each call (the old solver, a deep copy, has the hooks too)."""
+    inputs = {task: [] for task in tasks}
+    for task in tasks:
+        head = model.classifier.classifiers[str(task)]
+
+        def hook(module, args, output, task=task, head=head):
+            if module is head:
+                inputs[task].append(args[0].detach().clone())
+
+        head.register_forward_hook(hook)
+    return inputs
+
+
+def test_score_every_head_gives_each_past_head_every_replayed_sample():
+    """From the third task on, each replayed sample reaches the heads of both
+    past tasks, labelled on each by the old solver among that task's classes,
+    and the current task's head gets none; one task label drawn per sample
+    would split the samples between the heads."""
+    torch.set_num_threads(1)
+    stream = synthetic_benchmark(
+        input_shape=SHAPE, num_classes=6, n_experiences=3, per_class=16, scenario="task"
+    )
+    model = as_multitask(solver(), "classifier")
+    strategy = small_dgr(model, replay_mb_size=8, score_every_head=True)
+    recorder = Recorder(strategy.replay_plugin)
+    strategy.plugins.append(recorder)
+    for experience in stream.train_stream[:2]:
+        strategy.train(experience)
+    inputs = _head_inputs(model, (0, 1))
+    strategy.train(stream.train_stream[2])
+    records = recorder.of(2)
+    assert records and len(inputs[0]) == len(inputs[1]) == len(records)
+    for record, head_0, head_1 in zip(records, inputs[0], inputs[1]):
+        replay = record["replay"]
+        assert len(head_0) == 8 and torch.equal(head_0, head_1)
+        assert replay.t.tolist() == [0] * 8 + [1] * 8
+        assert torch.equal(replay.x[:8], replay.x[8:])
+        assert set(replay.y[:8].tolist()) <= {0, 1}
+        assert set(replay.y[8:].tolist()) <= {2, 3}
+    counts = strategy.replay_plugin.replayed_class_counts[2]
+    assert sum(counts.values()) == 2 * 8 * len(records)
+
+
+class TableHeads(MultiTaskModule):
+    """A multi-head solver of 3 outputs whose head ``t`` gives sample ``i``
+    (an input filled with ``i``) the logits ``table[t][i]``."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(torch.tensor(table))
+        self.max_class_label = 3
+
+    def forward_single_task(self, x, task_label):
+        return self.table[task_label][x.flatten(1)[:, 0].long()]
+
+
+class Indices(nn.Module):
+    """An unconditional stand-in generator: sample ``i`` is filled with ``i``."""
+
+    def generate(self, n):
+        return torch.arange(float(n)).view(n, 1, 1, 1).expand(n, *SHAPE)
+
+
+@pytest.mark.parametrize("soft_targets", [False, True])
+def test_score_every_head_loss_is_the_mean_over_the_past_heads(soft_targets):
+    """Task 0 has classes 0 and 1, task 1 class 2. The replay loss is the mean
+    over both heads of the loss of both samples: distillation of the old
+    head's probabilities over its task's classes (KL x T^2, T = 2), or
+    cross-entropy on its arg-max over them. With r = 0.25 and a criterion of
+    1 on the minibatch, the loss becomes 1 - 0.75 + 0.75 x replay loss."""
+    t = 2.0
+    old = [[[2.0, 0.0, 9.0], [0.0, 1.0, 9.0]], [[5.0, 0.0, 1.0], [0.0, 3.0, 2.0]]]
+    new = [[[0.5, 0.0, 1.0], [1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0], [2.0, 0.0, 1.0]]]
+    plugin = SolverReplayPlugin(
+        Indices(),
+        importance_ratio=0.25,
+        replay_mb_size=2,
+        soft_targets=soft_targets,
+        temperature=t,
+        score_every_head=True,
+    )
+    plugin.past.add(0, [0, 1])
+    plugin.past.add(1, [2])
+    plugin.old_generator, plugin.old_solver = plugin.generator, TableHeads(old)
+    strategy = SimpleNamespace(
+        mb_x=torch.zeros(5, *SHAPE),
+        device=torch.device("cpu"),
+        model=TableHeads(new),
+        loss=torch.tensor(1.0),
+        criterion=lambda: torch.tensor(1.0),
+        _criterion=F.cross_entropy,
+    )
+    plugin.before_backward(strategy)
+
+    def log_softmax(logits):
+        total = math.log(sum(math.exp(v) for v in logits))
+        return [v - total for v in logits]
+
+    classes = {0: [0, 1], 1: [2]}
+    losses = []
+    for head, past in classes.items():
+        for i in range(2):
+            student = log_softmax(
+                [v / (t if soft_targets else 1) for v in new[head][i]]
+            )
+            if soft_targets:
+                teacher = log_softmax([old[head][i][c] / t for c in past])
+                losses.append(
+                    t**2
+                    * sum(math.exp(q) * (q - student[c]) for q, c in zip(teacher, past))
+                )
+            else:
+                label = max(past, key=lambda c: old[head][i][c])
+                losses.append(-student[label])
+    replay_loss = sum(losses) / 4  # the mean of each head's mean over 2 samples
+    assert strategy.loss.item() == pytest.approx(0.25 + 0.75 * replay_loss, rel=1e-5)
+    assert plugin.last_replay.t.tolist() == [0, 0, 1, 1]
+
+
 @pytest.mark.parametrize("soft_targets", [False, True])
 def test_domain_incremental_replay_keeps_to_the_past_classes(soft_targets):
     """With more outputs (6) than classes per experience (2), replayed labels
@@ -750,6 +871,18 @@ def test_class_balancing_gives_every_replayed_label_the_same_weight():
     assert weights.sum().item() == pytest.approx(1.0)
     totals = [weights[labels == c].sum().item() for c in (0, 1, 3)]
     assert totals == pytest.approx([1 / 3] * 3)
+
+
+def test_class_balancing_by_head_gives_every_head_the_same_weight():
+    """Scored on every head, head 0 replays labels 0, 0, 1 and head 1 labels
+    2, 2, 2: each head weighs 1/2, split evenly among its labels."""
+    from avl_genreplay.replay import class_balancing_weights
+
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    heads = torch.tensor([0, 0, 0, 1, 1, 1])
+    weights = class_balancing_weights(labels, groups=heads)
+    expected = [1 / 8, 1 / 8, 1 / 4, 1 / 6, 1 / 6, 1 / 6]
+    assert weights.tolist() == pytest.approx(expected)
 
 
 def test_balanced_replay_loss_is_the_class_weighted_cross_entropy(tiny_stream):

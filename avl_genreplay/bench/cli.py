@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark", default="splitmnist", help=f"one of {sorted(data.BENCHMARKS)}"
     )
     bench.add_argument(
-        "--scenario", default="class", help="class, task or domain (incremental)"
+        "--scenario",
+        default=None,
+        help="class, task or domain (incremental); default: class, or domain for "
+        "permutedmnist, which has no other",
     )
     bench.add_argument(
         "--strategies",
@@ -111,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="independent (strategy, seed) runs at a time, each in a process "
         "of its own; the results are those of a serial run",
+    )
+    bench.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes each run trains on, data-parallel, started through "
+        "torchrun's launcher (gloo on CPUs; nccl with --device cuda, one GPU per "
+        "process); batch sizes are divided among them, so the total batch is a "
+        "single process's",
     )
     bench.add_argument(
         "--output",
@@ -186,6 +198,8 @@ def bench(plan: Plan) -> int:
     pending = [run for run in plan.runs if run not in done]
     if done:
         print(f"== resuming: {len(done)} runs finished, {len(pending)} to go")
+    for name, why in plan.left_out.items():
+        print(f"== {name} left out: {why}")
     print(
         f"== results in {plan.output}; if cut off, continue with: "
         f"{_resume_command(plan)}"

@@ -1,4 +1,5 @@
-"""Benchmarks of the harness: Avalanche's Split* streams, offline-friendly.
+"""Benchmarks of the harness: Avalanche's Split* streams and PermutedMNIST,
+offline-friendly.
 
 The data root comes from a flag or the ``AVL_GENREPLAY_DATA`` environment
 variable; with neither, Avalanche's default location (and download) is used.
@@ -22,6 +23,7 @@ __all__ = [
     "resolve_data_root",
     "check_data_root",
     "make_benchmark",
+    "solver_outputs",
     "synthetic_benchmark",
     "subsample_experience",
 ]
@@ -45,6 +47,12 @@ class BenchmarkSpec:
     required_files: Tuple[str, ...]
     # Avalanche's per-channel input normalisation of the benchmark (mean, std)
     normalization: Tuple[Tuple[float, ...], Tuple[float, ...]]
+    # the scenarios its streams can be run in, the default first
+    scenarios: Tuple[str, ...] = SCENARIOS
+    # whether the experiences split the classes between them (Split*), or
+    # each holds every class (PermutedMNIST: one permutation of the pixels
+    # per experience)
+    splits_classes: bool = True
 
 
 BENCHMARKS = {
@@ -71,6 +79,19 @@ BENCHMARKS = {
         "cifar-100-python",
         ("train", "test"),
         ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    ),
+    # domain-incremental only: with task labels a class-conditional
+    # generator (DGM, DDGR) could not tell which permutation, so which task,
+    # a sample of a class it draws belongs to
+    "permutedmnist": BenchmarkSpec(
+        "permutedmnist",
+        (1, 28, 28),
+        10,
+        "MNIST",
+        ("raw/train-images-idx3-ubyte", "raw/t10k-images-idx3-ubyte"),
+        ((0.1307,), (0.3081,)),
+        scenarios=("domain",),
+        splits_classes=False,
     ),
 }
 
@@ -103,10 +124,23 @@ def check_data_root(spec: BenchmarkSpec, root: Optional[Path]) -> None:
         )
 
 
-def _split_args(scenario: str) -> dict:
-    if scenario not in SCENARIOS:
-        raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
-    return {"return_task_id": scenario == "task"}
+def solver_outputs(
+    name: str,
+    *,
+    scenario: str,
+    n_experiences: int,
+    first_experience_half: bool = False,
+) -> int:
+    """The outputs the solver needs: the benchmark's classes, except in a
+    domain-incremental Split* stream, whose labels start from 0 in each
+    experience: the most classes an experience holds (2 for SplitMNIST in 5
+    experiences, 50 for SplitCIFAR100 with a first experience of half)."""
+    spec = BENCHMARKS[name]
+    if scenario != "domain" or not spec.splits_classes:
+        return spec.num_classes
+    if first_experience_half:
+        return spec.num_classes // 2
+    return spec.num_classes // n_experiences
 
 
 def make_benchmark(
@@ -118,33 +152,46 @@ def make_benchmark(
     seed: int = 0,
     first_experience_half: bool = False,
 ):
-    """Builds one of Avalanche's Split* benchmarks with a fixed class order.
+    """Builds one of Avalanche's Split* benchmarks with a fixed class order,
+    or its PermutedMNIST (one random permutation of the pixels per
+    experience, drawn from ``seed``; every experience holds the 10 classes).
 
-    Domain-incremental streams relabel each experience's classes from 0
-    (``class_ids_from_zero_in_each_exp``), so all experiences share labels.
+    Domain-incremental Split* streams relabel each experience's classes from
+    0 (``class_ids_from_zero_in_each_exp``), so all experiences share labels.
 
     :param first_experience_half: SplitCIFAR100 only: the first experience
         holds half the classes (the DDGR paper's protocol: 50, then 5 or 10
         per experience), the rest split over the other experiences.
     """
-    from avalanche.benchmarks.classic import SplitCIFAR100, SplitFMNIST, SplitMNIST
+    from avalanche.benchmarks.classic import (
+        PermutedMNIST,
+        SplitCIFAR100,
+        SplitFMNIST,
+        SplitMNIST,
+    )
 
     if name not in BENCHMARKS:
         raise ValueError(
             f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}"
         )
     spec = BENCHMARKS[name]
+    if scenario not in spec.scenarios:
+        raise ValueError(
+            f"{name} has no {scenario!r} scenario; choose from {spec.scenarios}"
+        )
     if first_experience_half and name != "splitcifar100":
         raise ValueError("a first experience of half the classes is for splitcifar100")
     data_root = Path(data_root) if data_root is not None else None
     check_data_root(spec, data_root)
+    if name == "permutedmnist":
+        return PermutedMNIST(n_experiences, seed=seed, dataset_root=data_root)
     kwargs = dict(
         n_experiences=n_experiences,
         fixed_class_order=list(range(spec.num_classes)),
         seed=seed,
         class_ids_from_zero_in_each_exp=scenario == "domain",
         dataset_root=data_root,
-        **_split_args(scenario),
+        return_task_id=scenario == "task",
     )
     if name == "splitmnist":
         return SplitMNIST(**kwargs)

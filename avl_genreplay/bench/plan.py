@@ -20,10 +20,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from avl_genreplay.bench import data
 from avl_genreplay.bench.config import CONFIG_DIR, load_config
 from avl_genreplay.bench.strategies import (
+    NOT_DISTRIBUTED,
     PROTOCOL_KEYS,
     SOLVER_MODELS,
     STRATEGIES,
+    UNSUPPORTED_SCENARIOS,
     input_transform,
+    per_process_sizes,
     setting_parameters,
 )
 from avl_genreplay.devices import check_device
@@ -73,8 +76,12 @@ class Plan:
     """A validated comparison: which runs, with which settings, written where.
 
     :param runs: ``(strategy, seed)`` pairs in the order they start.
+    :param nproc: processes each run trains on, data-parallel (one GPU each
+        on CUDA); batch sizes are divided among them.
     :param resume: continue the results file (and interrupted run) found in
         ``output`` instead of refusing to touch it.
+    :param left_out: the config's strategies that cannot run in the
+        scenario, each with the reason.
     """
 
     benchmark: str
@@ -101,6 +108,8 @@ class Plan:
     images: bool = True
     tensorboard: bool = False
     replay_quality: bool = True
+    left_out: Dict[str, str] = field(default_factory=dict)
+    nproc: int = 1
     started: float = field(default_factory=time.time)
 
     @property
@@ -110,6 +119,17 @@ class Plan:
     @property
     def num_classes(self) -> int:
         return data.BENCHMARKS[self.benchmark].num_classes
+
+    @property
+    def solver_outputs(self) -> int:
+        """The solver's outputs, also the class-conditional generators'
+        classes (:func:`~avl_genreplay.bench.data.solver_outputs`)."""
+        return data.solver_outputs(
+            self.benchmark,
+            scenario=self.scenario,
+            n_experiences=self.n_experiences,
+            first_experience_half=self.first_half,
+        )
 
     @property
     def results_path(self) -> Path:
@@ -126,21 +146,32 @@ class Plan:
             "scenario": f"{self.scenario}-incremental",
             "n_experiences": self.n_experiences,
             "train_subset": self.train_subset,
+            "solver_outputs": self.solver_outputs,
             "solver": self.solver,
             "protocol": self.protocol,
             "command": self.command,
             "config": self.config_file,
             "device": self.device,
             "jobs": self.jobs,
+            "nproc": self.nproc,
             "settings": {name: self.settings[name] for name in self.strategies},
+            "left_out": self.left_out,
         }
 
 
 def experience_count_problem(
-    n_experiences: int, num_classes: int, first_half: bool = False
+    n_experiences: int,
+    num_classes: int,
+    first_half: bool = False,
+    *,
+    splits_classes: bool = True,
 ) -> Optional[str]:
     """Why a benchmark of ``num_classes`` classes cannot be split into
-    ``n_experiences`` experiences of equal class counts, or ``None``."""
+    ``n_experiences`` experiences of equal class counts, or ``None``. A
+    benchmark whose experiences each hold every class (``splits_classes``
+    false, e.g. PermutedMNIST) takes any number from 1."""
+    if not splits_classes:
+        return None if n_experiences >= 1 else "must be at least 1"
     if n_experiences < 1 or n_experiences > num_classes:
         return f"must lie in 1..{num_classes}"
     if first_half:
@@ -269,6 +300,53 @@ def read_protocol(config: dict, name: str, source: str) -> Tuple[dict, List[str]
     return protocol, problems
 
 
+def _nproc_problems(args, device, names, settings, solver, protocol) -> List[str]:
+    """What keeps the runs from training on ``args.nproc`` processes."""
+    nproc = args.nproc
+    if nproc < 1:
+        return [f"--nproc must be >= 1, got {nproc}"]
+    problems = []
+    if args.jobs > 1:
+        problems.append(
+            f"--nproc {nproc} trains each run on {nproc} processes, one run at a "
+            f"time: it cannot be combined with --jobs {args.jobs}"
+        )
+    if device is not None and device.type == "mps":
+        problems.append("--nproc: distributed training is not available on mps")
+    if device is not None and device.type == "cuda":
+        import torch
+
+        if device.index is not None:
+            problems.append(
+                f"--nproc puts process r on cuda:r: give --device cuda, not {device}"
+            )
+        elif torch.cuda.device_count() < nproc:
+            problems.append(
+                f"--nproc {nproc} needs {nproc} GPUs (one per process), "
+                f"{torch.cuda.device_count()} found"
+            )
+    for name in names:
+        if name in NOT_DISTRIBUTED:
+            problems.append(
+                f"--nproc: {name} cannot run distributed: {NOT_DISTRIBUTED[name]}"
+            )
+    # each process takes an equal share of every batch
+    sizes = {"[solver] train_mb_size": solver.get("train_mb_size", 128)}
+    if protocol.get("replay_mb_size") is not None:
+        sizes["[protocol] replay_mb_size"] = protocol["replay_mb_size"]
+    for name in names:
+        if name in STRATEGIES and name not in NOT_DISTRIBUTED:
+            for key, value in per_process_sizes(name, settings[name]).items():
+                sizes[f"[strategies.{name}] {key}"] = value
+    for key, value in sizes.items():
+        if isinstance(value, int) and value % nproc:
+            problems.append(
+                f"--nproc {nproc}: {key} = {value} is not divisible among "
+                f"{nproc} processes"
+            )
+    return problems
+
+
 def _default_output(benchmark: str) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     folder = RUNS_FOLDER / f"{benchmark}-{stamp}"
@@ -321,10 +399,16 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
             ]
         )
     spec = data.BENCHMARKS[args.benchmark]
-    if args.scenario not in data.SCENARIOS:
+    scenario = args.scenario or spec.scenarios[0]
+    if scenario not in data.SCENARIOS:
         problems.append(
-            f"unknown scenario {args.scenario!r}; choose from "
-            f"{', '.join(data.SCENARIOS)}"
+            f"unknown scenario {scenario!r}; choose from {', '.join(data.SCENARIOS)}"
+        )
+    elif scenario not in spec.scenarios:
+        problems.append(
+            f"--scenario {scenario}: {args.benchmark} has the "
+            f"{', '.join(spec.scenarios)}-incremental scenario only (each of "
+            f"its experiences holds every class)"
         )
     if args.first_half and args.benchmark != "splitcifar100":
         problems.append("--first-half applies to splitcifar100 only")
@@ -345,6 +429,18 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
             f"unknown strategy {', '.join(unknown)}; choose from "
             f"{', '.join(sorted(STRATEGIES))}"
         )
+    left_out = {
+        name: UNSUPPORTED_SCENARIOS[name][scenario]
+        for name in names
+        if scenario in UNSUPPORTED_SCENARIOS.get(name, {})
+    }
+    if args.strategies:
+        for name, why in left_out.items():
+            problems.append(
+                f"--strategies {name}: no {scenario}-incremental run: {why}"
+            )
+        left_out = {}
+    names = [name for name in names if name not in left_out]
     for name in sorted(set(config["strategies"]) - set(STRATEGIES)):
         problems.append(f"{source}: [strategies.{name}]: unknown strategy {name!r}")
     # every section, not only those run now: a typo shows in any command
@@ -362,7 +458,9 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         else config.get("experiences", 5)
     )
     first_half = args.first_half and args.benchmark == "splitcifar100"
-    why = experience_count_problem(n_experiences, spec.num_classes, first_half)
+    why = experience_count_problem(
+        n_experiences, spec.num_classes, first_half, splits_classes=spec.splits_classes
+    )
     if why:
         problems.append(
             f"--experiences {n_experiences}: {args.benchmark} has "
@@ -385,12 +483,15 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         problems.append(f"--threads must be >= 1, got {args.threads}")
     if args.jobs < 1:
         problems.append(f"--jobs must be >= 1, got {args.jobs}")
+    if args.nproc != 1:
+        settings = {name: config["strategies"].get(name, {}) for name in names}
+        problems += _nproc_problems(args, device, names, settings, solver, protocol)
     root = data.resolve_data_root(args.data_root)
     try:
         data.check_data_root(spec, root)
     except data.DataRootError as error:
         problems.append(str(error))
-    stem = f"{args.benchmark}_{args.scenario}_il"
+    stem = f"{args.benchmark}_{scenario}_il"
     if n_experiences != config.get("experiences", 5):
         # another protocol (e.g. one class per experience) gets its own files
         stem += f"_{n_experiences}exp"
@@ -431,7 +532,7 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         raise PlanError([f"--resume: no results file {results} to continue"])
     return Plan(
         benchmark=args.benchmark,
-        scenario=args.scenario,
+        scenario=scenario,
         n_experiences=n_experiences,
         first_half=args.first_half,
         strategies=names,
@@ -454,4 +555,6 @@ def make_plan(args, argv: Sequence[str]) -> Plan:
         images=not args.no_images,
         tensorboard=args.tensorboard,
         replay_quality=not args.no_replay_quality,
+        left_out=left_out,
+        nproc=args.nproc,
     )

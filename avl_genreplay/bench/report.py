@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from avalanche.distributed import DistributedHelper
 from torch import nn
 
 from avl_genreplay.bench.store import mean_std
@@ -324,6 +325,10 @@ class ReplayImageSaver:
         if labeller is not None:
             labeller.eval()
         grid = replay_grid(generator, seen, labeller=labeller)
+        # drawn on every rank of a distributed run all the same: the draws
+        # keep the ranks' global random states alike; rank 0 writes
+        if not DistributedHelper.is_main_process:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         save_image(grid, self.folder / f"{self.run_name}_exp{index}.png")
         for board in self.boards:

@@ -7,6 +7,13 @@ accuracy matrix ``acc[i][j]`` (accuracy on experience ``j`` after training
 experience ``i``), forgetting and BWT. With resume paths, a run saves its
 strategy (through :mod:`avl_genreplay.checkpoint`) and its rows after each
 experience, and a restarted run continues from the last one saved.
+
+With ``--nproc N`` each run trains on N processes, data-parallel, started
+through ``torchrun``'s launcher (:func:`avl_genreplay.distributed.launch`):
+every process runs :func:`run_planned` on its share of each batch, and rank
+0's record comes back to the plan's loop like a serial run's. Rank 0 alone
+writes (logs, images of replayed samples, resume state); every rank
+evaluates the whole test stream, so the figures are a single process's.
 """
 
 import json
@@ -20,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from avalanche.distributed import DistributedHelper
 from avalanche.evaluation.metrics import (
     accuracy_metrics,
     bwt_metrics,
@@ -37,8 +45,10 @@ from avl_genreplay.bench.strategies import (
     build_solver,
     build_strategy,
     input_transform,
+    per_process_settings,
 )
 from avl_genreplay.checkpoint import maybe_load_checkpoint, save_checkpoint
+from avl_genreplay.distributed import DataParallelPlugin, launch
 from avl_genreplay.retained import retained_bytes
 
 __all__ = [
@@ -249,15 +259,19 @@ def _save_progress(
 ) -> None:
     """Saves the rows first, then the strategy, each through a temporary
     file: a kill between the two leaves rows ahead of the checkpoint, which
-    a restart cuts back (rows behind it could not be recovered)."""
+    a restart cuts back (rows behind it could not be recovered). Rank 0
+    writes (every rank holds the same state)."""
     checkpoint, rows = paths
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    temporary = rows.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({"accuracy_matrix": matrix, "wall": wall}))
-    os.replace(temporary, rows)
+    main = DistributedHelper.is_main_process
+    if main:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        temporary = rows.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps({"accuracy_matrix": matrix, "wall": wall}))
+        os.replace(temporary, rows)
     temporary = checkpoint.with_suffix(".ckpt.tmp")
-    save_checkpoint(strategy, temporary)
-    os.replace(temporary, checkpoint)
+    save_checkpoint(strategy, temporary)  # every rank, for its barrier
+    if main:
+        os.replace(temporary, checkpoint)
 
 
 def _load_progress(strategy, paths: Tuple[Path, Path], device):
@@ -292,26 +306,38 @@ def run_strategy(
     :param on_experience: called as ``f(index, count)`` before each
         experience is trained (progress messages).
     :return: the run's figures (see the keys below).
+
+    Under distributed training (called on every rank alike) the batch sizes
+    are divided among the processes and the solver trains data-parallel
+    (:class:`~avl_genreplay.distributed.DataParallelPlugin`).
     """
     RNGManager.set_random_seeds(spec.seed)
     model = build_solver(spec.solver, spec.input_shape, spec.num_classes, spec.scenario)
     evaluator = make_evaluator(spec.loggers, spec.metrics)
+    processes = DistributedHelper.world_size
+    plugins = list(spec.plugins)
+    if DistributedHelper.is_distributed:
+        plugins.append(DataParallelPlugin())
+    replay_mb_size = spec.protocol.get("replay_mb_size")
     ctx = StrategyContext(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=spec.solver.get("lr", 1e-3)),
         input_shape=spec.input_shape,
         num_classes=spec.num_classes,
-        train_mb_size=spec.solver.get("train_mb_size", 128),
+        # per process, as the plan checked that they divide
+        train_mb_size=spec.solver.get("train_mb_size", 128) // processes,
         train_epochs=spec.solver.get("train_epochs", 1),
         device=spec.device,
         evaluator=evaluator,
-        plugins=spec.plugins,
+        plugins=plugins,
         progress_bar=spec.progress_bar,
         augment=input_transform(spec.protocol.get("augment")),
-        replay_mb_size=spec.protocol.get("replay_mb_size"),
+        replay_mb_size=None if replay_mb_size is None else replay_mb_size // processes,
         normalization=spec.normalization,
+        scenario=spec.scenario,
     )
-    strategy = build_strategy(spec.strategy, ctx, spec.settings)
+    settings = per_process_settings(spec.strategy, spec.settings, processes)
+    strategy = build_strategy(spec.strategy, ctx, settings)
     train = [
         data.subsample_experience(e, spec.train_subset, spec.seed)
         for e in benchmark.train_stream
@@ -374,11 +400,15 @@ def run_strategy(
         "replay_sampling": replay_sampling(strategy),
         "generator_growth": generator_growth(strategy),
         "replay_quality": replay_quality(all_metrics),
+        "processes": processes,
     }
 
 
 def _loggers(plan: Plan, name: str, seed: int, interactive: bool) -> list:
     from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
+
+    if not DistributedHelper.is_main_process:
+        return []  # Avalanche's loggers live on the main process only
 
     logs = plan.output / "logs" / plan.stem
     logs.mkdir(parents=True, exist_ok=True)
@@ -435,7 +465,8 @@ def run_planned(
         )
 
     def progress(index: int, count: int) -> None:
-        print(f"== {name}, seed {seed}: experience {index + 1}/{count}", flush=True)
+        if DistributedHelper.is_main_process:
+            print(f"== {name}, seed {seed}: experience {index + 1}/{count}", flush=True)
 
     try:
         run = run_strategy(
@@ -445,9 +476,14 @@ def run_planned(
                 solver=plan.solver,
                 settings=plan.settings[name],
                 input_shape=plan.input_shape,
-                num_classes=plan.num_classes,
+                num_classes=plan.solver_outputs,
                 scenario=plan.scenario,
-                device=torch.device(plan.device),
+                # under distributed training, this rank's (cuda:rank on GPUs)
+                device=(
+                    DistributedHelper.make_device()
+                    if DistributedHelper.is_distributed
+                    else torch.device(plan.device)
+                ),
                 train_subset=plan.train_subset,
                 loggers=loggers,
                 metrics=_replay_quality_metrics(plan, name, benchmark, reference),
@@ -463,11 +499,12 @@ def run_planned(
     finally:
         for logger in loggers:
             getattr(logger, "close", lambda: None)()
-    run.update(
-        command=plan.command,
-        commit=code_commit(),
-        torch_threads=torch.get_num_threads(),
-    )
+    if DistributedHelper.is_main_process:  # the other ranks' records are unused
+        run.update(
+            command=plan.command,
+            commit=code_commit(),
+            torch_threads=torch.get_num_threads(),
+        )
     return run
 
 
@@ -507,6 +544,18 @@ def _run_in_worker(plan: Plan, name: str, seed: int, resume_paths, reference) ->
     return run_planned(plan, name, seed, resume_paths, False, reference)
 
 
+def _run_in_rank(
+    plan: Plan, name: str, seed: int, resume_paths, reference
+) -> Optional[dict]:
+    """One rank of a run on ``plan.nproc`` processes (``--nproc``): one torch
+    thread unless the plan sets ``threads``; rank 0's record, ``None`` from
+    the others."""
+    torch.set_num_threads(plan.threads or 1)
+    main = DistributedHelper.is_main_process
+    run = run_planned(plan, name, seed, resume_paths, main, reference)
+    return run if main else None
+
+
 def run_plan(
     plan: Plan,
     runs: Sequence[Tuple[str, int]],
@@ -515,13 +564,29 @@ def run_plan(
     """Runs ``runs`` of the plan and yields each record as it finishes: one
     after the other in this process, or ``plan.jobs`` at a time in as many
     processes (each run's figures depend on its seed alone, not on the
-    process, so the records are those of a serial run)."""
+    process, so the records are those of a serial run), or one after the
+    other on ``plan.nproc`` processes each."""
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
     # trained (or loaded from the cache) once, for every run that needs it
     reference = None
     if any(_measures_replay_quality(plan, name) for name, _ in runs):
         reference = reference_classifier(plan)
+    if plan.nproc > 1:
+        for name, seed in runs:
+            print(f"== {name}, seed {seed} on {plan.nproc} processes", flush=True)
+            records = launch(
+                plan.nproc,
+                _run_in_rank,
+                plan,
+                name,
+                seed,
+                resume_paths(name, seed),
+                reference,
+                use_cuda=torch.device(plan.device).type == "cuda",
+            )
+            yield records[0]
+        return
     if plan.jobs == 1:
         for name, seed in runs:
             print(f"== {name}, seed {seed}", flush=True)
@@ -530,7 +595,11 @@ def run_plan(
             )
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=plan.jobs, mp_context=context) as pool:
+    # a fresh process per run: a reused worker's resident memory would carry
+    # the earlier runs' peak into this run's peak RAM
+    with ProcessPoolExecutor(
+        max_workers=plan.jobs, mp_context=context, max_tasks_per_child=1
+    ) as pool:
         futures = [
             pool.submit(
                 _run_in_worker, plan, name, seed, resume_paths(name, seed), reference

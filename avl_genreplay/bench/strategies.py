@@ -25,9 +25,23 @@ __all__ = [
     "build_solver",
     "build_strategy",
     "setting_parameters",
+    "UNSUPPORTED_SCENARIOS",
+    "NOT_DISTRIBUTED",
+    "per_process_sizes",
+    "per_process_settings",
 ]
 
 SOLVER_MODELS = ("mlp", "slim_resnet18")
+
+# the scenarios a strategy cannot run in, and why: the plan leaves it out of
+# a comparison that runs the config's strategies, and refuses it by name
+UNSUPPORTED_SCENARIOS: Dict[str, Dict[str, str]] = {
+    "gr": {
+        "task": "Avalanche's GenerativeReplay labels its replay with the old "
+        "solver without task labels, which a multi-head solver needs (it "
+        "assumes a task-free stream)"
+    },
+}
 
 # settings that the protocol fixes for every row; a strategy section may not
 # set them (under whichever name its builder takes them)
@@ -65,6 +79,7 @@ class StrategyContext:
     augment: Optional[Callable] = None
     replay_mb_size: Optional[int] = None
     normalization: Optional[tuple] = None
+    scenario: str = "class"
 
     def template_kwargs(self, *, augment_inputs: bool = True) -> dict:
         """The template's arguments; with ``augment_inputs`` (and an input
@@ -241,6 +256,11 @@ def _dgr(ctx: StrategyContext, **settings):
 
     kwargs = ctx.template_kwargs(augment_inputs=False)
     settings.setdefault("progress_bar", ctx.progress_bar)
+    # task-incremental DGR scores its replay on every past head (van de Ven &
+    # Tolias, 2019): its unconditional GAN's samples carry no task. DGM's and
+    # DDGR's class-conditional generators draw samples of each past (task,
+    # class) pair, already scored on their own task's head.
+    settings.setdefault("score_every_head", ctx.scenario == "task")
     return DGR(input_shape=ctx.input_shape, **settings, **ctx.replay_kwargs(), **kwargs)
 
 
@@ -329,6 +349,36 @@ _GIVEN_BY_THE_HARNESS = {
     "generator_trainer",
 }
 _GIVEN_BY_THE_HARNESS |= PROTOCOL_KEYS
+
+
+# what cannot train under distributed training (--nproc), and why
+NOT_DISTRIBUTED = {
+    "gr": "Avalanche's GenerativeReplay trains its VAE with a strategy of its "
+    "own, whose GenerativeReplayPlugin does not support distributed training",
+}
+# a strategy's own batch sizes, per process under distributed training as
+# the solver's are (divided by the number of processes to keep the total)
+_PER_PROCESS_SETTINGS = ("generator_mb_size",)
+
+
+def per_process_sizes(name: str, settings: dict) -> Dict[str, int]:
+    """The batch sizes among strategy ``name``'s settings (given, or its
+    defaults) that each process of a distributed run takes a share of."""
+    parameters = setting_parameters(name)
+    return {
+        key: settings.get(key, parameters[key].default)
+        for key in _PER_PROCESS_SETTINGS
+        if key in parameters
+    }
+
+
+def per_process_settings(name: str, settings: dict, processes: int) -> dict:
+    """``settings`` with each of :func:`per_process_sizes` divided by the
+    number of ``processes`` (the plan checked that they divide)."""
+    if processes == 1:
+        return settings
+    sizes = per_process_sizes(name, settings)
+    return {**settings, **{k: v // processes for k, v in sizes.items()}}
 
 
 def setting_parameters(name: str) -> Dict[str, inspect.Parameter]:

@@ -14,6 +14,8 @@ from avalanche.models.generator import Generator
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from avl_genreplay.distributed import extreme
+
 __all__ = ["ImageGenerator", "GeneratorTrainer", "WeightAverage", "check_ema_decay"]
 
 
@@ -69,13 +71,16 @@ class ImageGenerator(Generator, nn.Module):
         """Sets the output range, per channel, to that of a batch of real data.
 
         Does nothing once calibrated, so later experiences keep the range
-        (and so the meaning of the outputs) of the first.
+        (and so the meaning of the outputs) of the first. Under distributed
+        training, the range of every rank's batch (called on every rank alike).
         """
         if bool(self.range_calibrated):
             return
         per_channel = real.detach().transpose(0, 1).reshape(real.shape[1], -1)
-        self.range_low.copy_(per_channel.min(dim=1).values.view(-1, 1, 1))
-        self.range_high.copy_(per_channel.max(dim=1).values.view(-1, 1, 1))
+        low = extreme(per_channel.min(dim=1).values, largest=False)
+        high = extreme(per_channel.max(dim=1).values, largest=True)
+        self.range_low.copy_(low.view(-1, 1, 1))
+        self.range_high.copy_(high.view(-1, 1, 1))
         self.range_calibrated.fill_(True)
 
     def to_data_range(self, unit: Tensor) -> Tensor:
@@ -151,12 +156,23 @@ class GeneratorTrainer(ABC):
     """
 
     generator: Generator
+    #: whether :meth:`train_step` works under distributed training: it
+    #: averages its gradients across ranks before each optimiser step
+    #: (:func:`~avl_genreplay.distributed.average_gradients`) and its
+    #: networks stay the same on every rank
+    supports_distributed: bool = False
 
     @abstractmethod
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
         """Trains on one batch; returns the losses computed in this step by name
         (a loss not computed in a step, e.g. the generator's between critic
-        steps, is left out)."""
+        steps, is left out).
+
+        A trainer that treats replay apart from new data (DGM's, a diffusion
+        model's with ``distill_replay``) may also take a keyword
+        ``replayed``, a boolean mask of the batch's replayed samples: the
+        generator-training plugin then passes it, so that labels need not
+        tell them apart (they cannot where experiences share classes)."""
 
     def optimizers(self) -> List[torch.optim.Optimizer]:
         """The trainer's optimisers (for lowering the learning rate)."""

@@ -6,7 +6,9 @@ and grows to keep its free capacity.
   transposed convolutions (sized from the image shape, as
   :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`), no batch
   normalisation (its statistics would be shared across tasks). Each class is
-  generated with the mask of the task (experience) it was learned in. In
+  generated with the mask of the task (experience) it was learned in (of one
+  of them, drawn at random, for a class met again in a later experience, as
+  in domain-incremental streams). In
   variant ``"a"`` (DGM-a) the masks gate the hidden layers' units; in
   variant ``"w"`` (DGM-w) they gate every weight and bias.
 * :class:`ACDiscriminator`: the WGAN-GP critic of
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avl_genreplay.distributed import average_gradients, extreme
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
 from avl_genreplay.generators.masks import GrowableLayer, TaskMask, annealed_scale
 from avl_genreplay.generators.wgan_gp import ConvCritic, _base_size, gradient_penalty
@@ -46,7 +49,11 @@ class MaskedConvGenerator(ImageGenerator):
 
     Task ``t`` is the ``t``-th experience the generator learns; a class
     belongs to the task in which it was first seen (:meth:`assign_classes`)
-    and is always generated with that task's mask. During training the
+    and is always generated with that task's mask. In a domain-incremental
+    stream, where later experiences bring the same classes again (e.g.
+    PermutedMNIST), the trainer assigns them to each task that learns them,
+    and each sample of such a class is generated with the mask of one of its
+    past tasks, drawn at random. During training the
     current task's mask is ``sigmoid(scale * embedding)`` (``scale`` set by
     the trainer); in eval mode, and for every past task, masks are binary.
 
@@ -94,8 +101,11 @@ class MaskedConvGenerator(ImageGenerator):
             self.bias_masks = nn.ModuleList(
                 [TaskMask(layer.bias.shape) for layer in self.layers]
             )
-        # task of each class, -1 while unseen
-        self.register_buffer("class_task", torch.full((num_classes,), -1))
+        # which tasks learned each class: (classes, tasks), the current task
+        # (the last column) included
+        self.register_buffer(
+            "class_tasks", torch.zeros(num_classes, 1, dtype=torch.bool)
+        )
         self.scale: Optional[float] = None
         self._keep: List[Tuple[Tensor, Tensor]] = []
         self._free: List[Tensor] = []
@@ -123,22 +133,50 @@ class MaskedConvGenerator(ImageGenerator):
         """Weights and biases of the generator (masks and embeddings aside)."""
         return sum(layer.weight.numel() + layer.bias.numel() for layer in self.layers)
 
+    def _class_table(self) -> Tensor:
+        """:attr:`class_tasks` with one column per task, the current one
+        included (made here if :meth:`start_task` has not)."""
+        missing = self.num_tasks + 1 - self.class_tasks.shape[1]
+        if missing > 0:
+            padding = self.class_tasks.new_zeros(len(self.class_tasks), missing)
+            self.class_tasks = torch.cat([self.class_tasks, padding], 1)
+        return self.class_tasks[:, : self.num_tasks + 1]
+
+    @property
+    def class_task(self) -> Tensor:
+        """The first task of each class, -1 while unseen."""
+        table = self._class_table()
+        first = table.float().argmax(1)
+        return torch.where(table.any(1), first, torch.full_like(first, -1))
+
     @torch.no_grad()
-    def assign_classes(self, labels: Tensor) -> None:
+    def assign_classes(self, labels: Tensor, *, again: bool = False) -> None:
         """Maps the classes among ``labels`` not seen before to the task being
-        learned."""
+        learned; with ``again``, every class among them (the experience's own
+        samples of classes that past experiences had too, as in
+        domain-incremental streams)."""
+        table = self._class_table()
         new = labels.unique()
-        new = new[self.class_task[new] < 0]
-        self.class_task[new] = self.num_tasks
+        if not again:
+            new = new[~table[new].any(1)]
+        table[new, self.num_tasks] = True
 
     def current_classes(self) -> Tensor:
         """The classes of the task being learned."""
-        return (self.class_task == self.num_tasks).nonzero().squeeze(1)
+        return self._class_table()[:, self.num_tasks].nonzero().squeeze(1)
 
     def task_of(self, condition: Tensor) -> Tensor:
-        """The task of each label (the task being learned for unseen ones)."""
-        tasks = self.class_task[condition]
-        return torch.where(tasks < 0, torch.full_like(tasks, self.num_tasks), tasks)
+        """The task whose mask generates each label: the task being learned
+        for its own classes and unseen ones, else the past task that learned
+        it, one drawn at random where several did."""
+        tasks = self._class_table()[condition]
+        # the current task's column stands in for classes no past task has
+        current = tasks[:, -1] | ~tasks[:, :-1].any(1)
+        tasks[:, -1] = current
+        tasks[current, :-1] = False
+        if (tasks.sum(1) > 1).any():  # never in class-incremental streams
+            return torch.multinomial(tasks.float(), 1).squeeze(1)
+        return tasks.float().argmax(1)
 
     # -- generation ----------------------------------------------------------
 
@@ -191,9 +229,9 @@ class MaskedConvGenerator(ImageGenerator):
                 (w.reserved(), b.reserved())
                 for w, b in zip(self.weight_masks, self.bias_masks)
             ]
-        device = self.class_task.device
+        device = self.class_tasks.device
         past = self.num_tasks > 0
-        learned = (self.class_task >= 0) & (self.class_task < self.num_tasks)
+        learned = self._class_table()[:, : self.num_tasks].any(1)
         noise = torch.full((self.noise_dim,), past, dtype=torch.bool, device=device)
         units = [torch.cat([noise, learned])]
         units += [m.reserved() for m in self.unit_masks]
@@ -220,6 +258,9 @@ class MaskedConvGenerator(ImageGenerator):
         parameters past tasks reserved."""
         for mask in self.masks():
             mask.reset()
+        # the task's column now, so the state's shapes hold through the task
+        # (a rollback restores a state saved before its first step)
+        self._class_table()
         self._keep = [
             ((~w).to(layer.weight), (~b).to(layer.bias))
             for layer, (w, b) in zip(self.layers, self._blocked())
@@ -406,6 +447,8 @@ class DGMTrainer(GeneratorTrainer):
         conditioned on the label by projection.
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         generator: MaskedConvGenerator,
@@ -499,11 +542,27 @@ class DGMTrainer(GeneratorTrainer):
         self.generator.end_task()
         self.generator.scale = None
 
-    def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
+    def train_step(
+        self, x: Tensor, y: Optional[Tensor] = None, replayed: Optional[Tensor] = None
+    ) -> Dict[str, float]:
+        """One discriminator step (and every ``critic_steps``-th, a generator
+        step).
+
+        :param replayed: which samples of the batch are replay; ``None`` to
+            tell them by their labels (classes of past tasks), which fails
+            where experiences share classes (domain-incremental streams).
+        """
         if y is None:
             raise ValueError("DGM's generator is class-conditional: pass labels")
         generator, discriminator = self.generator, self.discriminator
-        generator.assign_classes(y)
+        if replayed is None:
+            generator.assign_classes(y)
+        else:
+            generator.assign_classes(y[~replayed], again=True)
+        # under distributed training a class is the task's once any rank's
+        # batch held it, so every rank takes its generator steps alike
+        merged = extreme(generator.class_tasks.to(torch.uint8), largest=True)
+        generator.class_tasks = merged.bool()
         generator.train()
         discriminator.train()
         scale = self.scale()
@@ -513,7 +572,10 @@ class DGMTrainer(GeneratorTrainer):
         # the critic compares real and generated samples of the current
         # task's classes: past classes are generated with frozen masks, so
         # neither side could learn from them; replay trains the classifier
-        current = generator.task_of(y) == generator.num_tasks
+        if replayed is None:
+            current = generator.task_of(y) == generator.num_tasks
+        else:
+            current = ~replayed
         if not current.any():
             current = torch.ones_like(current)
         with torch.no_grad():
@@ -529,6 +591,7 @@ class DGMTrainer(GeneratorTrainer):
         loss = -wasserstein + self.gp_weight * penalty + self.aux_weight * auxiliary
         self.discriminator_optimizer.zero_grad()
         loss.backward()
+        average_gradients(self.discriminator_optimizer)
         self.discriminator_optimizer.step()
         losses = {
             "critic": loss.item(),
@@ -555,6 +618,7 @@ class DGMTrainer(GeneratorTrainer):
         generator.block_gradients()
         for mask in generator.masks():
             mask.compensate_gradient(scale, self.s_max)
+        average_gradients(self.generator_optimizer)
         self.generator_optimizer.step()
         for mask in generator.masks():
             mask.clamp_(self.embedding_limit)

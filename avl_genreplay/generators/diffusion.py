@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from avl_genreplay.distributed import average_gradients, union
 from avl_genreplay.generators.base import (
     GeneratorTrainer,
     ImageGenerator,
@@ -411,6 +412,8 @@ class DDPMTrainer(GeneratorTrainer):
         experience to the next. Needs a class-conditional generator.
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         generator: DiffusionGenerator,
@@ -452,15 +455,20 @@ class DDPMTrainer(GeneratorTrainer):
         if self.average is not None:
             self.average.load_into_module()
             self.average = None
-        self.learned_classes = sorted(set(self.learned_classes) | self._classes_now)
+        # every rank's batches: the classes must be the same on every rank
+        learned = union(self._classes_now)
+        self.learned_classes = sorted(set(self.learned_classes) | learned)
         self._classes_now = set()
         self.teacher = None
 
     def optimizers(self) -> List[torch.optim.Optimizer]:
         return [self.optimizer]
 
-    def loss(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        """The noise-prediction loss on a batch of images in the data's range."""
+    def loss(
+        self, x: Tensor, y: Optional[Tensor] = None, replayed: Optional[Tensor] = None
+    ) -> Tensor:
+        """The noise-prediction loss on a batch of images in the data's range;
+        ``replayed`` marks the replay (see :meth:`train_step`)."""
         clean = self.generator.to_unit_range(x)
         noise = torch.randn_like(clean)
         t = torch.randint(
@@ -470,7 +478,9 @@ class DDPMTrainer(GeneratorTrainer):
         predicted = self.generator.predict(noisy, t, y)
         target = self.generator.training_target(clean, noise, t)
         if self.teacher is not None and y is not None:
-            replayed = torch.isin(y, torch.as_tensor(self.learned_classes).to(y))
+            if replayed is None:
+                learned = torch.as_tensor(self.learned_classes).to(y)
+                replayed = torch.isin(y, learned)
             if replayed.any():
                 with torch.no_grad():
                     taught = self.teacher.predict(
@@ -493,14 +503,24 @@ class DDPMTrainer(GeneratorTrainer):
             return clipped
         return clipped / (snr + 1)
 
-    def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
+    def train_step(
+        self, x: Tensor, y: Optional[Tensor] = None, replayed: Optional[Tensor] = None
+    ) -> Dict[str, float]:
+        """One step on a batch.
+
+        :param replayed: with ``distill_replay``, which samples of the batch
+            are replay; ``None`` to tell them by their labels (classes of past
+            experiences), which fails where experiences share classes
+            (domain-incremental streams: every sample would be distilled).
+        """
         self.generator.train()
         # only distillation needs to know which classes are replay
         if self.distill_replay and y is not None:
             self._classes_now.update(int(c) for c in y.unique())
-        loss = self.loss(x, y)
+        loss = self.loss(x, y, replayed)
         self.optimizer.zero_grad()
         loss.backward()
+        average_gradients(self.optimizer)
         self.optimizer.step()
         if self.average is not None:
             self.average.update()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avl_genreplay.distributed import average_gradients
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
 
 __all__ = [
@@ -168,6 +169,8 @@ class WGANGPTrainer(GeneratorTrainer):
         is estimated (see :func:`gradient_penalty`).
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         generator: ImageGenerator,
@@ -219,6 +222,7 @@ class WGANGPTrainer(GeneratorTrainer):
         critic_loss = -wasserstein + self.gp_weight * penalty
         self.critic_optimizer.zero_grad()
         critic_loss.backward()
+        average_gradients(self.critic_optimizer)
         self.critic_optimizer.step()
 
         losses = {
@@ -232,6 +236,7 @@ class WGANGPTrainer(GeneratorTrainer):
             generator_loss = -critic(fake, condition).mean()
             self.generator_optimizer.zero_grad()
             generator_loss.backward()
+            average_gradients(self.generator_optimizer)
             self.generator_optimizer.step()
             losses["generator"] = generator_loss.item()
         return losses

@@ -15,6 +15,7 @@ from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
 from avl_genreplay.devices import check_device
+from avl_genreplay.distributed import with_data_parallel
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
 from avl_genreplay.generators.dgm import (
     VARIANTS,
@@ -133,7 +134,10 @@ class DGM(SupervisedTemplate):
     :param train_epochs: the solver's epochs per experience.
     :param eval_mb_size: the evaluation minibatch size.
     :param device: where to train.
-    :param plugins: more plugins.
+    :param plugins: more plugins. Under distributed training (``torchrun``,
+        with Avalanche's ``DistributedHelper`` initialised before the strategy
+        is built) a :class:`~avl_genreplay.distributed.DataParallelPlugin` is
+        added unless one is given, so the solver trains data-parallel.
     :param evaluator: Avalanche's evaluation plugin (or a factory of one).
     :param eval_every: as in :class:`~avalanche.training.templates.SupervisedTemplate`.
     :param base_kwargs: more :class:`SupervisedTemplate` arguments.
@@ -276,7 +280,9 @@ class DGM(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=[self.replay_plugin, self.generator_plugin] + (plugins or []),
+            plugins=with_data_parallel(
+                [self.replay_plugin, self.generator_plugin] + (plugins or [])
+            ),
             evaluator=evaluator,
             eval_every=eval_every,
             **base_kwargs,

@@ -14,6 +14,7 @@ from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
 from avl_genreplay.devices import check_device
+from avl_genreplay.distributed import with_data_parallel
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
@@ -69,6 +70,10 @@ class DGR(SupervisedTemplate):
     :param augment: a random transformation of input batches applied alike
         to the solver's minibatches and to the replay (see
         :class:`~avl_genreplay.replay.SolverReplayPlugin`); ``None`` for none.
+    :param score_every_head: in a task-incremental stream, score every
+        replayed sample on the head of every past task (van de Ven & Tolias,
+        2019) instead of on one past task's head drawn at random (see
+        :class:`~avl_genreplay.replay.SolverReplayPlugin`).
     :param generator_preload: keep the experience's data in memory, through its
         transforms, for the generator's training (faster; random augmentations
         would be drawn once: see
@@ -83,7 +88,10 @@ class DGR(SupervisedTemplate):
     :param train_epochs: the solver's epochs per experience.
     :param eval_mb_size: the evaluation minibatch size.
     :param device: where to train.
-    :param plugins: more plugins.
+    :param plugins: more plugins. Under distributed training (``torchrun``,
+        with Avalanche's ``DistributedHelper`` initialised before the strategy
+        is built) a :class:`~avl_genreplay.distributed.DataParallelPlugin` is
+        added unless one is given, so the solver trains data-parallel.
     :param evaluator: Avalanche's evaluation plugin (or a factory of one).
     :param eval_every: as in :class:`~avalanche.training.templates.SupervisedTemplate`.
     :param base_kwargs: more :class:`SupervisedTemplate` arguments.
@@ -111,6 +119,7 @@ class DGR(SupervisedTemplate):
         temperature: float = 2.0,
         balance_classes: bool = False,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
+        score_every_head: bool = False,
         generator_preload: bool = False,
         generator_train_after_last: bool = True,
         progress_bar: bool = True,
@@ -152,6 +161,7 @@ class DGR(SupervisedTemplate):
             temperature=temperature,
             balance_classes=balance_classes,
             augment=augment,
+            score_every_head=score_every_head,
         )
         self.generator_plugin = GeneratorTrainingPlugin(
             generator_trainer,
@@ -171,7 +181,9 @@ class DGR(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=[self.replay_plugin, self.generator_plugin] + (plugins or []),
+            plugins=with_data_parallel(
+                [self.replay_plugin, self.generator_plugin] + (plugins or [])
+            ),
             evaluator=evaluator,
             eval_every=eval_every,
             **base_kwargs,
