@@ -37,6 +37,9 @@ def test_readme_tables_equal_committed_results(path):
     assert results["complete"], f"{path.name} is a partial run"
     readmes = _readmes()
     table = markdown_table(results["strategies"])
+    if path.name == "splitmnist_class_il.json":  # the headline: plain SplitMNIST
+        assert results["protocol"]["name"] == "plain"
+        assert table in (ROOT / "README.md").read_text()
     assert table in readmes, f"the results table of {path.name} is not in a README"
     quality = replay_quality_table(results["strategies"])
     assert quality in readmes, f"the replay-quality table of {path.name} is missing"
