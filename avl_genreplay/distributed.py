@@ -152,12 +152,13 @@ def first_found(found: Optional[str], device=None) -> Optional[str]:
 
 def extreme(values: Tensor, *, largest: bool) -> Tensor:
     """The elementwise maximum (``largest``) or minimum of ``values`` across
-    ranks; ``values`` in a single process."""
+    ranks (for booleans: any / all); ``values`` in a single process."""
     if not _distributed():
         return values
-    values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
-    return values
+    # gloo reduces no booleans: reduce them as bytes
+    reduced = values.to(torch.uint8) if values.dtype == torch.bool else values.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
+    return reduced.to(values.dtype)
 
 
 def sum_counts(counts: Dict[int, int]) -> Dict[int, int]:

@@ -561,8 +561,7 @@ class DGMTrainer(GeneratorTrainer):
             generator.assign_classes(y[~replayed], again=True)
         # under distributed training a class is the task's once any rank's
         # batch held it, so every rank takes its generator steps alike
-        merged = extreme(generator.class_tasks.to(torch.uint8), largest=True)
-        generator.class_tasks = merged.bool()
+        generator.class_tasks = extreme(generator.class_tasks, largest=True)
         generator.train()
         discriminator.train()
         scale = self.scale()
