@@ -415,6 +415,20 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         labelled by their class unless ``relabel``; on the other heads the old
         solver labels them. Such a generator knows each sample's task, so it
         does not need this.
+    :param replay_bank_size: draw this many inputs from the frozen generator
+        once, before each experience, in batches of ``bank_mb_size``, and
+        replay minibatches taken from them in a random order (reshuffled each
+        time they are used up) instead of generating ``replay_mb_size`` new
+        inputs at every iteration. The old solver still labels each replayed
+        minibatch, after ``augment``, as without a bank. It saves most of the
+        generator's forward passes where they are dear (a few of a solver
+        epoch's worth of replay: DGM's masked generator decodes one pass per
+        past task) at the price of replaying each input several times. A
+        conditional generator's bank holds each past class equally often (up
+        to one). ``None`` (the default, as in DGR's and DGM's papers) draws
+        fresh inputs at every iteration. The bank lives during the experience
+        only.
+    :param bank_mb_size: generator batch size when filling the bank.
     """
 
     def __init__(
@@ -429,6 +443,8 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         balance_classes: bool = False,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
         score_every_head: bool = False,
+        replay_bank_size: Optional[int] = None,
+        bank_mb_size: int = 1024,
     ):
         super().__init__()
         if augment is not None and not callable(augment):
@@ -441,6 +457,10 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError(f"replay_mb_size must be >= 1, got {replay_mb_size}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if replay_bank_size is not None and replay_bank_size < 1:
+            raise ValueError(f"replay_bank_size must be >= 1, got {replay_bank_size}")
+        if bank_mb_size < 1:
+            raise ValueError(f"bank_mb_size must be >= 1, got {bank_mb_size}")
         self.generator = generator
         self.importance_ratio = importance_ratio
         self.replay_mb_size = replay_mb_size
@@ -450,6 +470,12 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.balance_classes = balance_classes
         self.augment = augment
         self.score_every_head = score_every_head
+        self.replay_bank_size = replay_bank_size
+        self.bank_mb_size = bank_mb_size
+        # inputs drawn before the experience (with replay_bank_size): x,
+        # conditions (or None), task labels; the order they are replayed in
+        self._bank: Optional[tuple] = None
+        self._bank_order: Optional[Tensor] = None
         # the current data takes the transformation the way every strategy's
         # does (InputAugmentationPlugin); the replay takes it in sample()
         self._inputs = None if augment is None else InputAugmentationPlugin(augment)
@@ -485,6 +511,9 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
             self.old_generator = frozen_copy(self.generator)
         self._counts: Counter = Counter()
         self.random.reset()
+        if self.past and self.replay_bank_size is not None:
+            with self.random(strategy.device):
+                self._fill_bank(strategy.device)
         if self._inputs is not None:
             self._inputs.before_training_exp(strategy)
 
@@ -495,6 +524,7 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         )
         self.old_solver = self.old_generator = None
         self.last_replay = None
+        self._bank = self._bank_order = None
         self.replayed_class_counts.append(sum_counts(self._counts))
 
     def allowed_classes(self, tasks: Tensor, num_outputs: int) -> Tensor:
@@ -503,12 +533,45 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         return past_classes_mask(self.past, tasks, num_outputs)
 
     @torch.no_grad()
+    def _fill_bank(self, device) -> None:
+        # each generator batch balanced over the past classes, so the bank is
+        # too, up to one sample per batch
+        parts = [
+            sample_past_inputs(
+                self.old_generator,
+                min(self.bank_mb_size, self.replay_bank_size - start),
+                self.past,
+                device,
+            )
+            for start in range(0, self.replay_bank_size, self.bank_mb_size)
+        ]
+        x, conditions, tasks = (list(column) for column in zip(*parts))
+        self._bank = (
+            torch.cat(x),
+            None if conditions[0] is None else torch.cat(conditions),
+            torch.cat(tasks),
+        )
+        self._bank_order = torch.zeros(0, dtype=torch.long, device=device)
+
+    def _from_bank(self, n: int, device) -> tuple:
+        """The bank's next ``n`` inputs in its random order."""
+        while len(self._bank_order) < n:
+            reshuffled = torch.randperm(len(self._bank[0]), device=device)
+            self._bank_order = torch.cat([self._bank_order, reshuffled])
+        picks, self._bank_order = self._bank_order[:n], self._bank_order[n:]
+        x, conditions, tasks = self._bank
+        return x[picks], None if conditions is None else conditions[picks], tasks[picks]
+
+    @torch.no_grad()
     def sample(self, n: int, device) -> Replay:
         """A labelled batch of ``n`` replayed samples of past experiences
         (``n`` per past task label with ``score_every_head``)."""
-        x, conditions, own_tasks = sample_past_inputs(
-            self.old_generator, n, self.past, device
-        )
+        if self._bank is not None:
+            x, conditions, own_tasks = self._from_bank(n, device)
+        else:
+            x, conditions, own_tasks = sample_past_inputs(
+                self.old_generator, n, self.past, device
+            )
         if self.augment is not None:
             x = self.augment(x)
         tasks = own_tasks

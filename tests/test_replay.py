@@ -825,6 +825,8 @@ def test_generator_of_the_wrong_shape_fails_before_training(tiny_stream):
         (dict(replay_mb_size=0), "replay_mb_size"),
         (dict(temperature=0.0), "temperature"),
         (dict(augment="affine"), "augment"),
+        (dict(replay_bank_size=0), "replay_bank_size"),
+        (dict(bank_mb_size=0), "bank_mb_size"),
     ],
 )
 def test_bad_replay_settings_are_refused(kwargs, message):
@@ -986,3 +988,46 @@ def test_relabel_takes_the_old_solvers_arg_max_over_past_classes(relabel):
         assert replay.y.tolist() == [1] * 8
     else:
         assert torch.equal(replay.y, requested)
+
+
+class Tagged(nn.Module):
+    """An unconditional stand-in generator: each image is one random value,
+    so a replayed input tells which draw it came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def generate(self, n, condition=None):
+        return torch.rand(n, 1, 1, 1).expand(n, *SHAPE).clone()
+
+
+def test_a_replay_bank_is_drawn_once_per_experience_and_replayed_evenly(
+    tiny_stream,
+):
+    plugin = SolverReplayPlugin(Tagged(), replay_mb_size=7, replay_bank_size=30)
+    recorder = Recorder(plugin)
+    model = solver()
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_mb_size=4,
+        train_epochs=3,
+        evaluator=quiet(),
+        plugins=[plugin, recorder],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedGeneratorWarning)
+        for experience in tiny_stream.train_stream:
+            strategy.train(experience)
+    seen = []
+    for index in (1, 2):
+        tags = torch.cat([r["replay"].x[:, 0, 0, 0] for r in recorder.of(index)])
+        assert len(tags) == 7 * len(recorder.of(index)) > 30
+        values, uses = tags.unique(return_counts=True)
+        # the 30 draws of the bank, each used as often as any other (up to
+        # one: the last pass through the bank is cut short)
+        assert len(values) == 30 and uses.max() - uses.min() <= 1
+        seen.append(set(values.tolist()))
+    # a new bank for each experience
+    assert not seen[0] & seen[1]

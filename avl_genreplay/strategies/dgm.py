@@ -115,6 +115,10 @@ class DGM(SupervisedTemplate):
         solver's; ``None`` for ``1 / t``.
     :param replay_mb_size: replayed samples per solver iteration; ``None`` for
         the size of the current minibatch.
+    :param replay_bank_size: replay minibatches drawn from this many inputs
+        generated once before each experience instead of new inputs at every
+        iteration (see :class:`~avl_genreplay.replay.SolverReplayPlugin`);
+        ``None`` (the paper's way) for new inputs at every iteration.
     :param relabel: label replay by the previous solver, not by its class.
     :param soft_targets: distil the previous solver's probabilities on the
         replay instead of its labels (see
@@ -174,6 +178,7 @@ class DGM(SupervisedTemplate):
         generator_replay_share: Optional[float] = 0.5,
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
+        replay_bank_size: Optional[int] = None,
         relabel: bool = False,
         soft_targets: bool = False,
         temperature: float = 2.0,
@@ -258,6 +263,7 @@ class DGM(SupervisedTemplate):
             generator,
             importance_ratio=importance_ratio,
             replay_mb_size=replay_mb_size,
+            replay_bank_size=replay_bank_size,
             relabel=relabel,
             soft_targets=soft_targets,
             temperature=temperature,

@@ -62,6 +62,10 @@ class DGR(SupervisedTemplate):
         for ``1 / t`` (DGR's default).
     :param replay_mb_size: replayed samples per solver iteration; ``None`` for
         the size of the current minibatch.
+    :param replay_bank_size: replay minibatches drawn from this many inputs
+        generated once before each experience instead of new inputs at every
+        iteration (see :class:`~avl_genreplay.replay.SolverReplayPlugin`);
+        ``None`` (the paper's way) for new inputs at every iteration.
     :param soft_targets: distil the old solver's probabilities (DGR+distill).
     :param temperature: distillation temperature.
     :param balance_classes: weigh replayed samples so that every replayed
@@ -115,6 +119,7 @@ class DGR(SupervisedTemplate):
         generator_replay_share: Optional[float] = None,
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
+        replay_bank_size: Optional[int] = None,
         soft_targets: bool = False,
         temperature: float = 2.0,
         balance_classes: bool = False,
@@ -157,6 +162,7 @@ class DGR(SupervisedTemplate):
             generator,
             importance_ratio=importance_ratio,
             replay_mb_size=replay_mb_size,
+            replay_bank_size=replay_bank_size,
             soft_targets=soft_targets,
             temperature=temperature,
             balance_classes=balance_classes,
