@@ -11,10 +11,12 @@ generator step per solver iteration.
 import inspect
 import math
 from copy import deepcopy
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.distributed import DistributedHelper
 from avalanche.models import MultiTaskModule
 from avalanche.models.generator import Generator
 from torch import Tensor, nn
@@ -32,12 +34,14 @@ from avl_genreplay.generators.base import GeneratorTrainer
 from avl_genreplay.replay import (
     LearningCheck,
     PastClasses,
+    ReplayBank,
     check_generator_classes,
     check_generator_shape,
     experience_classes,
     experience_task_label,
     frozen_copy,
     is_conditional,
+    past_class_labels,
     sample_past_inputs,
 )
 
@@ -342,6 +346,17 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         it on to continue training on more experiences later. The last
         experience is the one whose ``current_experience`` is the last index
         of its ``origin_stream``.
+    :param replay_bank_size: draw this many replayed inputs from the frozen
+        generator once, before each experience, and take each batch's replay
+        from them (see :class:`~avl_genreplay.replay.ReplayBank`) instead of
+        generating it at every step; ``None`` to generate at every step.
+    :param balance_replay: for an unconditional generator with a bank, the
+        solver as it was at the start of the experience labels the bank (its
+        arg-max over the past classes) and every batch's replay holds each
+        label equally often. A generator that learns its own replay otherwise
+        under-produces a class a little more with each experience where its
+        samples under-represent it (DGR's drift away from its oldest
+        classes). A conditional generator's replay is balanced already.
 
     Under distributed training (``torchrun``, Avalanche's
     ``DistributedHelper``) the generator trains data-parallel in step with
@@ -370,6 +385,8 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         preload: bool = False,
         guard: Union[TrainingGuard, Callable[[], TrainingGuard], None] = TrainingGuard,
         train_after_last: bool = True,
+        replay_bank_size: Optional[int] = None,
+        balance_replay: bool = False,
     ):
         super().__init__()
         if schedule not in _SCHEDULES:
@@ -382,6 +399,10 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             raise ValueError(f"train_iterations must be >= 1, got {train_iterations}")
         if train_epochs is not None and train_epochs < 1:
             raise ValueError(f"train_epochs must be >= 1, got {train_epochs}")
+        if replay_bank_size is not None and replay_bank_size < 1:
+            raise ValueError(f"replay_bank_size must be >= 1, got {replay_bank_size}")
+        if balance_replay and replay_bank_size is None:
+            raise ValueError("balance_replay needs a replay_bank_size")
         self.trainer = trainer
         self.generator = trainer.generator
         self.train_iterations = train_iterations
@@ -401,6 +422,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         # a factory, as Avalanche's evaluator: no guard shared by two plugins
         self.guard: Optional[TrainingGuard] = guard() if callable(guard) else guard
         self.train_after_last = train_after_last
+        self.replay_bank_size = replay_bank_size
+        self.balance_replay = balance_replay
+        self._bank: Optional[ReplayBank] = None
         self._skip_experience = False
         # the gradients are the trainer's to average
         self.supports_distributed = bool(getattr(trainer, "supports_distributed", 0))
@@ -441,6 +465,23 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         broadcast_modules(self.generator, *self.trainer.modules().values())
         self._random.reset()
         self._alongside = _LossMeans()
+        if self.old_generator is not None and self.replay_bank_size is not None:
+            self._bank = self._draw_bank(strategy)
+
+    def _draw_bank(self, strategy) -> ReplayBank:
+        labeller = None
+        if self.balance_replay and not is_conditional(self.old_generator):
+            solver = frozen_copy(DistributedHelper.unwrap_model(strategy.model))
+            labeller = partial(past_class_labels, solver, self.past)
+
+        with self._random(strategy.device):
+            return ReplayBank.draw(
+                self.old_generator,
+                self.replay_bank_size,
+                self.past,
+                strategy.device,
+                labeller=labeller,
+            )
 
     def after_training_iteration(self, strategy, **kwargs):
         if self.schedule == "alongside" and not self._skip_experience:
@@ -463,6 +504,7 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             experience_classes(strategy.experience),
         )
         self.old_generator = None
+        self._bank = None
 
     def _iterations(self, dataset_size: int, real_per_batch: int) -> int:
         if self.train_epochs is None:
@@ -565,10 +607,13 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         # replay and noise of this rank's own: ranks must not draw alike
         with self._random(device):
             if self.old_generator is not None and n_replay > 0:
-                with torch.no_grad():
-                    replay_x, conditions, _ = sample_past_inputs(
-                        self.old_generator, n_replay, self.past, device
-                    )
+                if self._bank is not None:
+                    replay_x, conditions, _ = self._bank.take(n_replay)
+                else:
+                    with torch.no_grad():
+                        replay_x, conditions, _ = sample_past_inputs(
+                            self.old_generator, n_replay, self.past, device
+                        )
                 x = torch.cat([real_x, replay_x])
                 if conditional:
                     y = torch.cat([real_y, conditions])

@@ -16,7 +16,9 @@ from torch import nn
 from avl_genreplay.bench.data import synthetic_benchmark
 from avl_genreplay.generator_training import GeneratorTrainingPlugin, TrainingGuard
 from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
+from avl_genreplay.generators.base import GeneratorTrainer
 from avl_genreplay.replay import (
+    ReplayBank,
     SolverReplayPlugin,
     UntrainedGeneratorWarning,
     distillation_loss,
@@ -1031,3 +1033,93 @@ def test_a_replay_bank_is_drawn_once_per_experience_and_replayed_evenly(
         seen.append(set(values.tolist()))
     # a new bank for each experience
     assert not seen[0] & seen[1]
+
+
+def test_a_balanced_bank_gives_every_label_equally_often():
+    x = torch.arange(100.0).view(100, 1, 1, 1)
+    labels = (torch.arange(100) >= 90).long()  # 90 of label 0, 10 of label 1
+    bank = ReplayBank(x, None, torch.zeros(100, dtype=torch.long), labels)
+    taken, _, _ = bank.take(1000)
+    values = taken.flatten()
+    assert (values >= 90).sum() == 500
+    # label 1's inputs are its own ten, each drawn
+    assert set(values[values >= 90].long().tolist()) == set(range(90, 100))
+
+
+class Skewed(nn.Module):
+    """An unconditional stand-in generator: 10 % of its images are ones
+    (which ByBrightness calls class 1), the rest zeros (class 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def generate(self, n, condition=None):
+        bright = (torch.rand(n) < 0.1).float()
+        return bright.view(n, 1, 1, 1).expand(n, *SHAPE).clone()
+
+
+class ByBrightness(nn.Module):
+    """A solver that puts a bright input in class 1 and a dark one in 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        mean = x.flatten(1).mean(1, keepdim=True)
+        scores = torch.cat([1 - mean, mean, torch.zeros(len(x), 4)], 1) * 10
+        return scores + 0 * self.weight
+
+
+class KeepBatches(GeneratorTrainer):
+    def __init__(self, generator):
+        self.generator = generator
+        self.batches = []
+
+    def train_step(self, x, y=None):
+        self.batches.append(x.clone())
+        return {"loss": 0.0}
+
+    def optimizers(self):
+        return []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_balanced_generator_replay_holds_each_old_solver_label_equally(
+    tiny_stream, balanced
+):
+    trainer = KeepBatches(Skewed())
+    plugin = GeneratorTrainingPlugin(
+        trainer,
+        train_iterations=20,
+        train_mb_size=20,
+        replay_share=0.5,
+        progress_bar=False,
+        guard=None,
+        replay_bank_size=500,
+        balance_replay=balanced,
+    )
+    model = ByBrightness()
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        evaluator=quiet(),
+        plugins=[plugin],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedGeneratorWarning)
+        for experience in tiny_stream.train_stream[:2]:
+            strategy.train(experience)
+    replay = torch.cat([x[10:] for x in trainer.batches[20:]])
+    bright = (replay.flatten(1).mean(1) > 0.5).float().mean().item()
+    if balanced:
+        assert bright == pytest.approx(0.5, abs=0.01)
+    else:
+        assert bright == pytest.approx(0.1, abs=0.05)
