@@ -119,6 +119,10 @@ class DGM(SupervisedTemplate):
         generated once before each experience instead of new inputs at every
         iteration (see :class:`~avl_genreplay.replay.SolverReplayPlugin`);
         ``None`` (the paper's way) for new inputs at every iteration.
+    :param generator_replay_bank_size: the AC-GAN's replay is taken from this
+        many inputs drawn once before each experience (see
+        :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`);
+        ``None`` for new inputs at every step.
     :param relabel: label replay by the previous solver, not by its class.
     :param soft_targets: distil the previous solver's probabilities on the
         replay instead of its labels (see
@@ -179,6 +183,7 @@ class DGM(SupervisedTemplate):
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
         replay_bank_size: Optional[int] = None,
+        generator_replay_bank_size: Optional[int] = None,
         relabel: bool = False,
         soft_targets: bool = False,
         temperature: float = 2.0,
@@ -276,6 +281,7 @@ class DGM(SupervisedTemplate):
             replay_share=generator_replay_share,
             preload=generator_preload,
             train_after_last=generator_train_after_last,
+            replay_bank_size=generator_replay_bank_size,
             progress_bar=progress_bar,
         )
         super().__init__(
