@@ -11,12 +11,10 @@ generator step per solver iteration.
 import inspect
 import math
 from copy import deepcopy
-from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.distributed import DistributedHelper
 from avalanche.models import MultiTaskModule
 from avalanche.models.generator import Generator
 from torch import Tensor, nn
@@ -41,7 +39,6 @@ from avl_genreplay.replay import (
     experience_task_label,
     frozen_copy,
     is_conditional,
-    past_class_labels,
     sample_past_inputs,
 )
 
@@ -350,13 +347,6 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         generator once, before each experience, and take each batch's replay
         from them (see :class:`~avl_genreplay.replay.ReplayBank`) instead of
         generating it at every step; ``None`` to generate at every step.
-    :param balance_replay: for an unconditional generator with a bank, the
-        solver as it was at the start of the experience labels the bank (its
-        arg-max over the past classes) and every batch's replay holds each
-        label equally often. A generator that learns its own replay otherwise
-        under-produces a class a little more with each experience where its
-        samples under-represent it (DGR's drift away from its oldest
-        classes). A conditional generator's replay is balanced already.
 
     Under distributed training (``torchrun``, Avalanche's
     ``DistributedHelper``) the generator trains data-parallel in step with
@@ -386,7 +376,6 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         guard: Union[TrainingGuard, Callable[[], TrainingGuard], None] = TrainingGuard,
         train_after_last: bool = True,
         replay_bank_size: Optional[int] = None,
-        balance_replay: bool = False,
     ):
         super().__init__()
         if schedule not in _SCHEDULES:
@@ -401,8 +390,6 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             raise ValueError(f"train_epochs must be >= 1, got {train_epochs}")
         if replay_bank_size is not None and replay_bank_size < 1:
             raise ValueError(f"replay_bank_size must be >= 1, got {replay_bank_size}")
-        if balance_replay and replay_bank_size is None:
-            raise ValueError("balance_replay needs a replay_bank_size")
         self.trainer = trainer
         self.generator = trainer.generator
         self.train_iterations = train_iterations
@@ -423,7 +410,6 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         self.guard: Optional[TrainingGuard] = guard() if callable(guard) else guard
         self.train_after_last = train_after_last
         self.replay_bank_size = replay_bank_size
-        self.balance_replay = balance_replay
         self._bank: Optional[ReplayBank] = None
         self._skip_experience = False
         # the gradients are the trainer's to average
@@ -469,18 +455,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
             self._bank = self._draw_bank(strategy)
 
     def _draw_bank(self, strategy) -> ReplayBank:
-        labeller = None
-        if self.balance_replay and not is_conditional(self.old_generator):
-            solver = frozen_copy(DistributedHelper.unwrap_model(strategy.model))
-            labeller = partial(past_class_labels, solver, self.past)
-
         with self._random(strategy.device):
             return ReplayBank.draw(
-                self.old_generator,
-                self.replay_bank_size,
-                self.past,
-                strategy.device,
-                labeller=labeller,
+                self.old_generator, self.replay_bank_size, self.past, strategy.device
             )
 
     def after_training_iteration(self, strategy, **kwargs):

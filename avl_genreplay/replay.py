@@ -18,7 +18,6 @@ of past classes) serves the generator-training plugins, so it lives here too.
 import warnings
 from collections import Counter
 from copy import deepcopy
-from functools import partial
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +35,6 @@ __all__ = [
     "PastClasses",
     "Replay",
     "ReplayBank",
-    "past_class_labels",
     "SolverReplayPlugin",
     "UntrainedGeneratorWarning",
     "LearningCheck",
@@ -328,36 +326,19 @@ def sample_past_inputs(
 
 
 class ReplayBank:
-    """Inputs drawn once from a frozen generator, replayed in minibatches.
-
-    Without labels, :meth:`take` returns the inputs in a random order,
-    reshuffled each time they are used up, so each is replayed as often as
-    any other (up to one). With labels (e.g. the old solver's, for an
-    unconditional generator), it returns every label equally often (up to
-    one), each input drawn at random among those of its label.
+    """Inputs drawn once from a frozen generator, replayed in minibatches in
+    a random order, reshuffled each time they are used up, so each input is
+    replayed as often as any other (up to one).
 
     :param x: the inputs.
     :param conditions: the classes a conditional generator was asked for,
         ``None`` for an unconditional one.
     :param tasks: the task label of each input.
-    :param labels: the labels to balance, ``None`` for none.
     """
 
-    def __init__(
-        self,
-        x: Tensor,
-        conditions: Optional[Tensor],
-        tasks: Tensor,
-        labels: Optional[Tensor] = None,
-    ):
+    def __init__(self, x: Tensor, conditions: Optional[Tensor], tasks: Tensor):
         self.x, self.conditions, self.tasks = x, conditions, tasks
-        self.labels = labels
         self._order = torch.zeros(0, dtype=torch.long, device=x.device)
-        if labels is not None:
-            self._by_label = labels.argsort()
-            self.label_values, counts = labels.unique(return_counts=True)
-            self._counts = counts
-            self._starts = counts.cumsum(0) - counts
 
     @classmethod
     @torch.no_grad()
@@ -369,60 +350,29 @@ class ReplayBank:
         device,
         *,
         batch_size: int = 1024,
-        labeller: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     ) -> "ReplayBank":
         """``size`` inputs of past experiences from ``generator`` (see
         :func:`sample_past_inputs`; each of its batches is balanced over the
-        past classes, so the bank is too, up to one per batch), labelled by
-        ``labeller(x, tasks)`` if given."""
+        past classes, so the bank is too, up to one per batch)."""
         parts = [
             sample_past_inputs(generator, min(batch_size, size - start), past, device)
             for start in range(0, size, batch_size)
         ]
         x, conditions, tasks = (list(column) for column in zip(*parts))
-        x, tasks = torch.cat(x), torch.cat(tasks)
         conditions = None if conditions[0] is None else torch.cat(conditions)
-        labels = None
-        if labeller is not None:
-            labels = torch.cat(
-                [
-                    labeller(
-                        x[start : start + batch_size], tasks[start : start + batch_size]
-                    )
-                    for start in range(0, size, batch_size)
-                ]
-            )
-        return cls(x, conditions, tasks, labels)
+        return cls(torch.cat(x), conditions, torch.cat(tasks))
 
     def __len__(self) -> int:
         return len(self.x)
 
     def take(self, n: int) -> tuple:
-        """``n`` inputs of the bank: ``(x, conditions or None, tasks)``."""
-        device = self.x.device
-        if self.labels is None:
-            while len(self._order) < n:
-                reshuffled = torch.randperm(len(self.x), device=device)
-                self._order = torch.cat([self._order, reshuffled])
-            picks, self._order = self._order[:n], self._order[n:]
-        else:
-            which = _balanced(range(len(self.label_values)), n, device)
-            offsets = (torch.rand(n, device=device) * self._counts[which]).long()
-            picks = self._by_label[self._starts[which] + offsets]
+        """The next ``n`` inputs: ``(x, conditions or None, tasks)``."""
+        while len(self._order) < n:
+            reshuffled = torch.randperm(len(self.x), device=self.x.device)
+            self._order = torch.cat([self._order, reshuffled])
+        picks, self._order = self._order[:n], self._order[n:]
         conditions = None if self.conditions is None else self.conditions[picks]
         return self.x[picks], conditions, self.tasks[picks]
-
-
-@torch.no_grad()
-def past_class_labels(
-    solver: nn.Module, past: PastClasses, x: Tensor, tasks: Tensor
-) -> Tensor:
-    """The solver's arg-max over the past classes of each sample's task label
-    (e.g. to label an unconditional generator's samples)."""
-    logits = avalanche_forward(solver, x, tasks)
-    return restrict_logits(
-        logits, past_classes_mask(past, tasks, logits.shape[1])
-    ).argmax(1)
 
 
 def on_every_head(
@@ -530,11 +480,6 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         fresh inputs at every iteration. The bank lives during the experience
         only.
     :param bank_mb_size: generator batch size when filling the bank.
-    :param balance_bank: for an unconditional generator's bank, the old solver
-        labels the bank (its arg-max over the past classes) and replay
-        minibatches draw every label equally often, so classes the generator
-        under-produces are replayed with as many different inputs as the
-        others (a conditional generator's bank is balanced already).
     """
 
     def __init__(
@@ -551,7 +496,6 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         score_every_head: bool = False,
         replay_bank_size: Optional[int] = None,
         bank_mb_size: int = 1024,
-        balance_bank: bool = False,
     ):
         super().__init__()
         if augment is not None and not callable(augment):
@@ -568,8 +512,6 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError(f"replay_bank_size must be >= 1, got {replay_bank_size}")
         if bank_mb_size < 1:
             raise ValueError(f"bank_mb_size must be >= 1, got {bank_mb_size}")
-        if balance_bank and replay_bank_size is None:
-            raise ValueError("balance_bank needs a replay_bank_size")
         self.generator = generator
         self.importance_ratio = importance_ratio
         self.replay_mb_size = replay_mb_size
@@ -581,7 +523,6 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.score_every_head = score_every_head
         self.replay_bank_size = replay_bank_size
         self.bank_mb_size = bank_mb_size
-        self.balance_bank = balance_bank
         self._bank: Optional[ReplayBank] = None
         # the current data takes the transformation the way every strategy's
         # does (InputAugmentationPlugin); the replay takes it in sample()
@@ -619,9 +560,6 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self._counts: Counter = Counter()
         self.random.reset()
         if self.past and self.replay_bank_size is not None:
-            labeller = None
-            if self.balance_bank and not is_conditional(self.old_generator):
-                labeller = partial(past_class_labels, self.old_solver, self.past)
             with self.random(strategy.device):
                 self._bank = ReplayBank.draw(
                     self.old_generator,
@@ -629,7 +567,6 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
                     self.past,
                     strategy.device,
                     batch_size=self.bank_mb_size,
-                    labeller=labeller,
                 )
         if self._inputs is not None:
             self._inputs.before_training_exp(strategy)

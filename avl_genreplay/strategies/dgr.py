@@ -66,17 +66,10 @@ class DGR(SupervisedTemplate):
         generated once before each experience instead of new inputs at every
         iteration (see :class:`~avl_genreplay.replay.SolverReplayPlugin`);
         ``None`` (the paper's way) for new inputs at every iteration.
-    :param balance_bank: with ``replay_bank_size``, the old solver labels the
-        bank and the solver's replay holds every label equally often (see
-        :class:`~avl_genreplay.replay.SolverReplayPlugin`).
     :param generator_replay_bank_size: the generator's replay is taken from
         this many inputs drawn once before each experience (see
         :class:`~avl_genreplay.generator_training.GeneratorTrainingPlugin`);
         ``None`` for new inputs at every step.
-    :param generator_balance_replay: with ``generator_replay_bank_size``, the
-        old solver labels that bank and the generator's replay holds every
-        label equally often, against the drift by which the generator, which
-        learns its own replay, loses the classes it under-produces.
     :param soft_targets: distil the old solver's probabilities (DGR+distill).
     :param temperature: distillation temperature.
     :param balance_classes: weigh replayed samples so that every replayed
@@ -131,9 +124,7 @@ class DGR(SupervisedTemplate):
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
         replay_bank_size: Optional[int] = None,
-        balance_bank: bool = False,
         generator_replay_bank_size: Optional[int] = None,
-        generator_balance_replay: bool = False,
         soft_targets: bool = False,
         temperature: float = 2.0,
         balance_classes: bool = False,
@@ -177,7 +168,6 @@ class DGR(SupervisedTemplate):
             importance_ratio=importance_ratio,
             replay_mb_size=replay_mb_size,
             replay_bank_size=replay_bank_size,
-            balance_bank=balance_bank,
             soft_targets=soft_targets,
             temperature=temperature,
             balance_classes=balance_classes,
@@ -193,7 +183,6 @@ class DGR(SupervisedTemplate):
             preload=generator_preload,
             train_after_last=generator_train_after_last,
             replay_bank_size=generator_replay_bank_size,
-            balance_replay=generator_balance_replay,
             progress_bar=progress_bar,
         )
         super().__init__(
