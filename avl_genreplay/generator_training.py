@@ -39,6 +39,7 @@ from avl_genreplay.replay import (
     experience_task_label,
     frozen_copy,
     is_conditional,
+    replay_inputs,
     sample_past_inputs,
 )
 
@@ -584,13 +585,9 @@ class GeneratorTrainingPlugin(SupervisedPlugin):
         # replay and noise of this rank's own: ranks must not draw alike
         with self._random(device):
             if self.old_generator is not None and n_replay > 0:
-                if self._bank is not None:
-                    replay_x, conditions, _ = self._bank.take(n_replay)
-                else:
-                    with torch.no_grad():
-                        replay_x, conditions, _ = sample_past_inputs(
-                            self.old_generator, n_replay, self.past, device
-                        )
+                replay_x, conditions, _ = replay_inputs(
+                    self._bank, self.old_generator, n_replay, self.past, device
+                )
                 x = torch.cat([real_x, replay_x])
                 if conditional:
                     y = torch.cat([real_y, conditions])

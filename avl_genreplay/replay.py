@@ -35,6 +35,7 @@ __all__ = [
     "PastClasses",
     "Replay",
     "ReplayBank",
+    "replay_inputs",
     "SolverReplayPlugin",
     "UntrainedGeneratorWarning",
     "LearningCheck",
@@ -362,9 +363,6 @@ class ReplayBank:
         conditions = None if conditions[0] is None else torch.cat(conditions)
         return cls(torch.cat(x), conditions, torch.cat(tasks))
 
-    def __len__(self) -> int:
-        return len(self.x)
-
     def take(self, n: int) -> tuple:
         """The next ``n`` inputs: ``(x, conditions or None, tasks)``."""
         while len(self._order) < n:
@@ -373,6 +371,21 @@ class ReplayBank:
         picks, self._order = self._order[:n], self._order[n:]
         conditions = None if self.conditions is None else self.conditions[picks]
         return self.x[picks], conditions, self.tasks[picks]
+
+
+def replay_inputs(
+    bank: Optional[ReplayBank],
+    generator: Generator,
+    n: int,
+    past: PastClasses,
+    device,
+) -> tuple:
+    """``n`` inputs of past experiences: the bank's next ones if there is a
+    bank, else new ones from ``generator`` (see :func:`sample_past_inputs`)."""
+    if bank is not None:
+        return bank.take(n)
+    with torch.no_grad():
+        return sample_past_inputs(generator, n, past, device)
 
 
 def on_every_head(
@@ -476,7 +489,7 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         epoch's worth of replay: DGM's masked generator decodes one pass per
         past task) at the price of replaying each input several times. A
         conditional generator's bank holds each past class equally often (up
-        to one). ``None`` (the default, as in DGR's and DGM's papers) draws
+        to one per generator batch). ``None`` (the default, as in DGR's and DGM's papers) draws
         fresh inputs at every iteration. The bank lives during the experience
         only.
     :param bank_mb_size: generator batch size when filling the bank.
@@ -590,12 +603,9 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
     def sample(self, n: int, device) -> Replay:
         """A labelled batch of ``n`` replayed samples of past experiences
         (``n`` per past task label with ``score_every_head``)."""
-        if self._bank is not None:
-            x, conditions, own_tasks = self._bank.take(n)
-        else:
-            x, conditions, own_tasks = sample_past_inputs(
-                self.old_generator, n, self.past, device
-            )
+        x, conditions, own_tasks = replay_inputs(
+            self._bank, self.old_generator, n, self.past, device
+        )
         if self.augment is not None:
             x = self.augment(x)
         tasks = own_tasks
