@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from avalanche.core import SupervisedPlugin
+
 from avl_genreplay.bench import data
 from avl_genreplay.bench.cli import build_parser, main
 from avl_genreplay.bench.plan import PlanError, _writable_problem, make_plan
@@ -813,3 +815,50 @@ def test_a_bench_killed_in_a_run_resumes_to_the_same_figures(data_root, tmp_path
     assert "== dgr, seed 0: experience 1/5" not in resumed.stdout
     assert _matrices(cut / name) == _matrices(whole / name)
     assert json.loads((cut / name).read_text())["complete"] is True
+
+
+def test_si_penalises_moving_away_from_the_last_experiences_weights(tiny_stream):
+    """The harness's SI keeps copies of the weights: while it trains the
+    second experience, its penalty is lambda/2 * sum(importance * (weights -
+    the first experience's final weights)^2), not zero. (Avalanche's own
+    plugin keeps views on a CPU: zero importance, the live weights as anchor,
+    and SI trains as Naive.)"""
+    si_lambda = 100.0
+    model = build_solver({"hidden_size": 16}, (1, 12, 12), 6, "class")
+    ctx = StrategyContext(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
+        input_shape=(1, 12, 12),
+        num_classes=6,
+        train_mb_size=8,
+        train_epochs=1,
+        device=torch.device("cpu"),
+        evaluator=None,
+        plugins=[],
+        progress_bar=False,
+    )
+    strategy = build_strategy("si", ctx, {"si_lambda": si_lambda})
+
+    class Probe(SupervisedPlugin):
+        """The loss SI added at the last step, and the weights it saw."""
+
+        def before_backward(self, strategy, **kwargs):
+            plain = strategy._criterion(strategy.mb_output, strategy.mb_y)
+            self.penalty = (strategy.loss - plain).item()
+            self.weights = {
+                n: p.detach().flatten().clone() for n, p in model.named_parameters()
+            }
+
+    probe = Probe()
+    strategy.plugins.append(probe)  # after SI's own before_backward
+    (si,) = [p for p in strategy.plugins if hasattr(p, "syn_data")]
+    strategy.train(tiny_stream.train_stream[0])
+    anchor = {n: p.detach().flatten().clone() for n, p in model.named_parameters()}
+    importance = {n: d.data.clone() for n, d in si.ewc_data[1].items()}
+
+    strategy.train(tiny_stream.train_stream[1])
+    expected = sum(
+        (importance[n] * (probe.weights[n] - anchor[n]) ** 2).sum() for n in anchor
+    ).item() * (si_lambda / 2)
+    assert abs(expected) > 1e-4
+    assert probe.penalty == pytest.approx(expected, rel=1e-4)

@@ -148,9 +148,19 @@ def _ewc(ctx: StrategyContext, ewc_lambda: float = 10000.0):
 
 
 def _si(ctx: StrategyContext, si_lambda: float = 10.0):
-    from avalanche.training import SynapticIntelligence
+    # Avalanche's SynapticIntelligence strategy is a template with its SI
+    # plugin; built from the two with a plugin that stores copies of the
+    # weights, without which SI trains as Naive on a CPU (see the module)
+    from avalanche.training import Naive
 
-    return SynapticIntelligence(si_lambda=si_lambda, **ctx.template_kwargs())
+    from avl_genreplay.bench.synaptic_intelligence import (
+        CopyingSynapticIntelligencePlugin,
+    )
+
+    kwargs = ctx.template_kwargs()
+    # appended last, where Avalanche's SynapticIntelligence puts its plugin
+    kwargs["plugins"].append(CopyingSynapticIntelligencePlugin(si_lambda=si_lambda))
+    return Naive(**kwargs)
 
 
 def _lwf(ctx: StrategyContext, alpha: float = 1.0, temperature: float = 2.0):
