@@ -201,7 +201,8 @@ def test_update_merges_runs_by_strategy_and_seed(data_root, tmp_path, capsys):
     common += ["--output", str(out), "--seeds", "0", "--train-subset", "100"]
     assert main([*common, "--strategies", "naive,lwf"]) == 0
     path = out / "splitmnist_class_il.json"
-    first = json.loads(path.read_text())["strategies"]
+    first_file = json.loads(path.read_text())
+    first = first_file["strategies"]
     # another seed of one strategy joins the file...
     assert main([*common, "--strategies", "lwf", "--seeds", "1", "--update"]) == 0
     merged = json.loads(path.read_text())["strategies"]
@@ -216,6 +217,12 @@ def test_update_merges_runs_by_strategy_and_seed(data_root, tmp_path, capsys):
     assert "--update" not in merged["naive"]["runs"][0]["command"]
     assert merged["lwf"]["runs"][0]["torch_threads"] >= 1
     assert "commit" in merged["lwf"]["runs"][0]
+    # the header lists every command that wrote into the file, each with its
+    # own wall time: the first command's is kept after the updates
+    commands = json.loads(path.read_text())["commands"]
+    assert ["--update" in c["command"] for c in commands] == [False, True, True]
+    assert commands[0]["total_wall_seconds"] == first_file["total_wall_seconds"]
+    assert commands[0]["complete"] and commands[-1]["complete"]
     capsys.readouterr()
     assert main([*common, "--strategies", "naive", "--epochs", "2", "--update"]) == 2
     assert "holds another setup (solver" in capsys.readouterr().err

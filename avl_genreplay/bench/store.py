@@ -193,15 +193,42 @@ class ResultsStore:
                         kept.append(run)
                 runs = kept + runs
                 settings = {**(old or {}).get("settings", {}), **settings}
+            else:
+                old = None
             summary = summarise(runs)
+            wall = time.time() - self.plan.started
             payload = dict(self.header, settings=settings)
             payload.update(
                 complete=complete,
-                total_wall_seconds=time.time() - self.plan.started,
+                total_wall_seconds=wall,
+                commands=self._commands(old, wall, complete),
                 strategies=summary,
             )
             write_json(self.path, payload)
         return summary
+
+    def _commands(self, old: Optional[dict], wall: float, complete: bool):
+        """Every command that wrote runs into the file, in order, this one
+        last, each with its own wall time: the header's ``command`` and
+        ``total_wall_seconds`` are the last command's, which after ``--update``
+        or ``--resume`` are not the first's."""
+        mine = dict(
+            command=self.header["command"],
+            started=self.plan.started,
+            total_wall_seconds=wall,
+            complete=complete,
+        )
+        if old is None:
+            return [mine]
+        earlier = old.get("commands") or [
+            {  # a file written before commands were listed
+                "command": old.get("command"),
+                "started": None,
+                "total_wall_seconds": old.get("total_wall_seconds"),
+                "complete": old.get("complete"),
+            }
+        ]
+        return [c for c in earlier if c["started"] != self.plan.started] + [mine]
 
     # --- the state of an interrupted run -----------------------------------
 
