@@ -489,9 +489,9 @@ class SolverReplayPlugin(SupervisedPlugin, supports_distributed=True):
         epoch's worth of replay: DGM's masked generator decodes one pass per
         past task) at the price of replaying each input several times. A
         conditional generator's bank holds each past class equally often (up
-        to one per generator batch). ``None`` (the default, as in DGR's and DGM's papers) draws
-        fresh inputs at every iteration. The bank lives during the experience
-        only.
+        to one per generator batch). ``None`` (the default, as in DGR's and
+        DGM's papers) draws fresh inputs at every iteration. The bank lives
+        during the experience only.
     :param bank_mb_size: generator batch size when filling the bank.
     """
 

@@ -505,6 +505,24 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     assert run["final_stream_acc"] == pytest.approx(sum(final) / 2)
 
 
+def _tiny_context(model, optimizer, scenario="class"):
+    """A builder's context for 1x12x12 inputs of 6 classes, one epoch of
+    batches of 8 on the CPU, without evaluator or progress bars."""
+    return StrategyContext(
+        model=model,
+        optimizer=optimizer,
+        input_shape=(1, 12, 12),
+        num_classes=6,
+        train_mb_size=8,
+        train_epochs=1,
+        device=torch.device("cpu"),
+        evaluator=None,
+        plugins=[],
+        progress_bar=False,
+        scenario=scenario,
+    )
+
+
 @pytest.mark.parametrize(
     "scenario, settings, every_head",
     [
@@ -521,19 +539,7 @@ def test_task_incremental_dgr_scores_replay_on_every_head(
     the task-incremental scenario only, unless its config section says
     otherwise; DGM and DDGR (class-conditional) keep to each sample's task."""
     model = build_solver({"hidden_size": 8}, (1, 12, 12), 6, scenario)
-    ctx = StrategyContext(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        input_shape=(1, 12, 12),
-        num_classes=6,
-        train_mb_size=8,
-        train_epochs=1,
-        device=torch.device("cpu"),
-        evaluator=None,
-        plugins=[],
-        progress_bar=False,
-        scenario=scenario,
-    )
+    ctx = _tiny_context(model, torch.optim.SGD(model.parameters(), lr=0.1), scenario)
     dgr = build_strategy("dgr", ctx, dict(settings))
     assert dgr.replay_plugin.score_every_head is every_head
     dgm = build_strategy("dgm_a", ctx, {"noise_dim": 8, "generator_channels": [8, 4]})
@@ -832,18 +838,7 @@ def test_si_penalises_moving_away_from_the_last_experiences_weights(tiny_stream)
     and SI trains as Naive.)"""
     si_lambda = 100.0
     model = build_solver({"hidden_size": 16}, (1, 12, 12), 6, "class")
-    ctx = StrategyContext(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
-        input_shape=(1, 12, 12),
-        num_classes=6,
-        train_mb_size=8,
-        train_epochs=1,
-        device=torch.device("cpu"),
-        evaluator=None,
-        plugins=[],
-        progress_bar=False,
-    )
+    ctx = _tiny_context(model, torch.optim.Adam(model.parameters(), lr=0.01))
     strategy = build_strategy("si", ctx, {"si_lambda": si_lambda})
 
     class Probe(SupervisedPlugin):

@@ -181,6 +181,7 @@ class ResultsStore:
     def _write(self, complete: bool) -> Dict[str, dict]:
         with self._locked():
             runs, settings = self._runs, dict(self.header["settings"])
+            old = None  # the file before this write, read when merging into it
             if self.plan.update or self.plan.resume:
                 # read again: another command may have added runs meanwhile
                 old = self.read()
@@ -193,8 +194,6 @@ class ResultsStore:
                         kept.append(run)
                 runs = kept + runs
                 settings = {**(old or {}).get("settings", {}), **settings}
-            else:
-                old = None
             summary = summarise(runs)
             wall = time.time() - self.plan.started
             payload = dict(self.header, settings=settings)
