@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -790,6 +792,39 @@ def test_two_jobs_write_the_runs_and_figures_of_one(data_root, tmp_path):
     assert sorted(serial) == [("dgr", 0), ("dgr", 1), ("lwf", 0), ("lwf", 1)]
     assert parallel == serial
     assert json.loads((two / name).read_text())["jobs"] == 2
+
+
+class _ThreadPool(ThreadPoolExecutor):
+    """A process pool's stand-in, so that a test's patches reach its runs."""
+
+    def __init__(self, max_workers, **process_options):
+        super().__init__(max_workers=max_workers)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_run_loses_none_of_the_other_runs(monkeypatch, jobs):
+    from avl_genreplay.bench import runner
+
+    def run_planned(plan, name, seed, *args, **kwargs):
+        if name == "dgm_a":
+            raise RuntimeError("the samples have near-zero variance")
+        return {"strategy": name, "seed": seed}
+
+    monkeypatch.setattr(runner, "run_planned", run_planned)
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", _ThreadPool)
+    monkeypatch.setattr(runner, "_measures_replay_quality", lambda *_: False)
+    # the worker would set the torch threads of this test process
+    monkeypatch.setattr(runner.torch, "set_num_threads", lambda n: None)
+    plan = SimpleNamespace(threads=None, nproc=1, jobs=jobs)
+    runs = [("dgm_w", 2), ("dgm_a", 2), ("gr", 2), ("dgm_a", 1), ("replay", 2)]
+    finished = []
+    with pytest.raises(runner.RunsFailed) as failed:
+        for record in runner.run_plan(plan, runs, lambda name, seed: None):
+            finished.append((record["strategy"], record["seed"]))
+    assert sorted(finished) == [("dgm_w", 2), ("gr", 2), ("replay", 2)]
+    failures = sorted(failed.value.failures)
+    assert [(name, seed) for name, seed, _ in failures] == [("dgm_a", 1), ("dgm_a", 2)]
+    assert "near-zero variance" in failures[0][2]
 
 
 def test_a_bench_killed_in_a_run_resumes_to_the_same_figures(data_root, tmp_path):

@@ -204,15 +204,22 @@ def bench(plan: Plan) -> int:
         f"== results in {plan.output}; if cut off, continue with: "
         f"{_resume_command(plan)}"
     )
-    for record in runner.run_plan(plan, pending, store.resume_paths):
-        summary = store.add(record)
-        report.write_markdown(markdown, title, summary, complete=False)
-        print(
-            f"== {record['strategy']}, seed {record['seed']}: final average "
-            f"accuracy {record['final_avg_acc']:.4f}, "
-            f"{record['wall_seconds']:.0f} s",
-            flush=True,
-        )
+    try:
+        for record in runner.run_plan(plan, pending, store.resume_paths):
+            summary = store.add(record)
+            report.write_markdown(markdown, title, summary, complete=False)
+            print(
+                f"== {record['strategy']}, seed {record['seed']}: final average "
+                f"accuracy {record['final_avg_acc']:.4f}, "
+                f"{record['wall_seconds']:.0f} s",
+                flush=True,
+            )
+    except runner.RunsFailed as failed:
+        # every other run is in the file; the comparison stays incomplete
+        raise CLIError(
+            f"{failed}\nthe other runs are in {plan.results_path}; after a fix, "
+            f"continue with: {_resume_command(plan)}"
+        ) from None
     summary = store.finish()
     table = report.write_markdown(markdown, title, summary, complete=True)
     report.write_plots(

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import statistics
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ __all__ = [
     "run_strategy",
     "run_planned",
     "run_plan",
+    "RunsFailed",
     "generator_of",
     "replayed_class_counts",
     "replay_sampling",
@@ -537,6 +539,24 @@ def code_commit() -> Optional[str]:
     return rev + ("+dirty" if dirty else "")
 
 
+class RunsFailed(Exception):
+    """Raised by :func:`run_plan` after every other run has finished (and
+    been yielded) when some runs failed.
+
+    :param failures: ``(strategy, seed, error)`` of each failed run, the
+        error as its exception's one-line description.
+    """
+
+    def __init__(self, failures: List[Tuple[str, int, str]]):
+        self.failures = failures
+        lines = [f"{name}, seed {seed}: {error}" for name, seed, error in failures]
+        super().__init__(f"{len(failures)} run(s) failed: " + "; ".join(lines))
+
+
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 def _run_in_worker(plan: Plan, name: str, seed: int, resume_paths, reference) -> dict:
     """A run in a process of its own (``--jobs``): one torch thread unless
     the plan sets ``threads``."""
@@ -565,9 +585,15 @@ def run_plan(
     after the other in this process, or ``plan.jobs`` at a time in as many
     processes (each run's figures depend on its seed alone, not on the
     process, so the records are those of a serial run), or one after the
-    other on ``plan.nproc`` processes each."""
+    other on ``plan.nproc`` processes each.
+
+    A run that raises does not stop the others: its traceback is printed,
+    the other runs go on and are yielded, and :class:`RunsFailed` is raised
+    at the end, so that no finished run is lost to another's failure.
+    Interruptions (``KeyboardInterrupt``) stop everything at once."""
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
+    failures: List[Tuple[str, int, str]] = []
     # trained (or loaded from the cache) once, for every run that needs it
     reference = None
     if any(_measures_replay_quality(plan, name) for name, _ in runs):
@@ -575,40 +601,76 @@ def run_plan(
     if plan.nproc > 1:
         for name, seed in runs:
             print(f"== {name}, seed {seed} on {plan.nproc} processes", flush=True)
-            records = launch(
-                plan.nproc,
-                _run_in_rank,
-                plan,
-                name,
-                seed,
-                resume_paths(name, seed),
-                reference,
-                use_cuda=torch.device(plan.device).type == "cuda",
-            )
+            try:
+                records = launch(
+                    plan.nproc,
+                    _run_in_rank,
+                    plan,
+                    name,
+                    seed,
+                    resume_paths(name, seed),
+                    reference,
+                    use_cuda=torch.device(plan.device).type == "cuda",
+                )
+            except Exception as error:
+                _report_failure(failures, name, seed, error)
+                continue
             yield records[0]
-        return
-    if plan.jobs == 1:
+    elif plan.jobs == 1:
         for name, seed in runs:
             print(f"== {name}, seed {seed}", flush=True)
-            yield run_planned(
-                plan, name, seed, resume_paths(name, seed), reference=reference
-            )
-        return
+            try:
+                record = run_planned(
+                    plan, name, seed, resume_paths(name, seed), reference=reference
+                )
+            except Exception as error:
+                _report_failure(failures, name, seed, error)
+                continue
+            yield record
+    else:
+        yield from _run_in_processes(plan, runs, resume_paths, reference, failures)
+    if failures:
+        raise RunsFailed(failures)
+
+
+def _report_failure(
+    failures: List[Tuple[str, int, str]], name: str, seed: int, error: Exception
+) -> None:
+    """Prints a failed run's traceback and notes it in ``failures``."""
+    traceback.print_exception(error)
+    print(f"== {name}, seed {seed}: failed ({_described(error)})", flush=True)
+    failures.append((name, seed, _described(error)))
+
+
+def _run_in_processes(
+    plan: Plan,
+    runs: Sequence[Tuple[str, int]],
+    resume_paths: Callable[[str, int], Tuple[Path, Path]],
+    reference,
+    failures: List[Tuple[str, int, str]],
+) -> Iterator[dict]:
+    """``plan.jobs`` runs at a time, each in a fresh process; yields the
+    records as they finish and notes the failed runs in ``failures``."""
     context = multiprocessing.get_context("spawn")
     # a fresh process per run: a reused worker's resident memory would carry
     # the earlier runs' peak into this run's peak RAM
     with ProcessPoolExecutor(
         max_workers=plan.jobs, mp_context=context, max_tasks_per_child=1
     ) as pool:
-        futures = [
+        futures = {
             pool.submit(
                 _run_in_worker, plan, name, seed, resume_paths(name, seed), reference
-            )
+            ): (name, seed)
             for name, seed in runs
-        ]
+        }
         try:
             for future in as_completed(futures):
-                yield future.result()
+                try:
+                    record = future.result()
+                except Exception as error:
+                    _report_failure(failures, *futures[future], error)
+                    continue
+                yield record
         except BaseException:
             for future in futures:
                 future.cancel()
