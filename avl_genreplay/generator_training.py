@@ -76,7 +76,9 @@ class TrainingGuard:
     experience, :class:`GeneratorTrainingError` stops the run, so the solver
     never learns from a broken generator. Rollbacks are listed in
     :attr:`rollbacks`. Under distributed training every rank rolls back
-    when one finds a problem (ranks must take the same steps).
+    when one finds a problem (ranks must take the same steps). Samples are
+    drawn in eval mode, as replay draws them, except during the experience
+    for a trainer whose ``check_in_training_mode`` is set (DGM's masks).
 
     :class:`GeneratorTrainingPlugin` calls :meth:`start_experience` before it
     trains the generator on an experience, :meth:`after_step` after each step
@@ -203,7 +205,7 @@ class TrainingGuard:
         seen = PastClasses()
         seen.add(0, self._classes)
         training = generator.training
-        generator.eval()
+        generator.train(self._trainer.check_in_training_mode and not final)
         samples, _, _ = sample_past_inputs(
             generator, self.check_samples, seen, self._device
         )

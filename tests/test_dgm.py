@@ -10,6 +10,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 
 from avl_genreplay.bench.data import synthetic_benchmark
+from avl_genreplay.generator_training import TrainingGuard
 from avl_genreplay.generators.dgm import (
     ACDiscriminator,
     DGMTrainer,
@@ -456,3 +457,30 @@ def test_a_rollback_restores_masks_and_weights_within_a_task(tiny_stream):
     ]
     assert all(torch.isfinite(p).all() for p in generator.parameters())
     assert len(generator.growth_log) == 2
+
+
+def test_the_guard_judges_masked_samples_as_trained_until_the_last_check():
+    # DGM-a on PermutedMNIST, seed 2: the sparsity penalty had pushed every
+    # embedding of a layer below 0 while the scale was still small, so the
+    # eval-mode (binary) samples were constant though the soft masks were ~0.4
+    torch.manual_seed(0)
+    generator = _generator("a")
+    trainer = DGMTrainer(generator, anneal_steps=20, critic_steps=1)
+    _train_task(trainer, 0, [0, 1], 2)
+    with torch.no_grad():
+        generator.unit_masks[0].embedding.fill_(-0.5)
+    # an untrained generator's samples hardly vary: any spread above 0 passes
+    guard = TrainingGuard(check_every=2, min_spread=1e-3)
+    guard.start_experience(
+        trainer,
+        experience=0,
+        iterations=20,
+        classes=[0, 1],
+        solver=torch.nn.Linear(1, 1),
+        device="cpu",
+    )
+    real = torch.rand(32, *SHAPE)
+    assert guard.after_step(2, {"critic": 0.0}, real) is None
+    # the last check samples as replay will, with the binary masks
+    assert guard.after_step(20, {"critic": 0.0}, real) == 2
+    assert "near-zero variance" in guard.rollbacks[0]["reason"]

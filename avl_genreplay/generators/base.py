@@ -161,6 +161,12 @@ class GeneratorTrainer(ABC):
     #: (:func:`~avl_genreplay.distributed.average_gradients`) and its
     #: networks stay the same on every rank
     supports_distributed: bool = False
+    #: whether a :class:`~avl_genreplay.generator_training.TrainingGuard`
+    #: judges the generator's samples in training mode during an experience
+    #: (its last check is in eval mode, as replay samples it): for a generator
+    #: that samples in eval mode only in a form that settles at the end of
+    #: the experience, e.g. DGM's binary task masks
+    check_in_training_mode: bool = False
 
     @abstractmethod
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:

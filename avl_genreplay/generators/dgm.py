@@ -448,6 +448,11 @@ class DGMTrainer(GeneratorTrainer):
     """
 
     supports_distributed = True
+    # the current task's binary mask (eval mode) means nothing before the
+    # scale anneals: with the sparsity penalty a layer's embeddings may all be
+    # negative while its soft mask is still ~0.4, so the eval-mode samples
+    # are constant though the generator trains well
+    check_in_training_mode = True
 
     def __init__(
         self,
