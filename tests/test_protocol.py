@@ -71,6 +71,32 @@ def test_every_strategy_gets_the_protocols_input_pipeline(mnist, protocol, name)
         assert min(recorder.shares) > 0.05
 
 
+def test_a_run_resumed_after_its_last_experience_keeps_its_retained_figure(
+    mnist, tmp_path
+):
+    # PermutedMNIST's seed-2 runs of dgm_w, gr and replay were resumed after
+    # their last saved experience and reported 0 MB retained
+    config = load_config("splitmnist")
+    spec = RunSpec(
+        strategy="replay",
+        seed=0,
+        solver=dict(config["solver"], train_epochs=1),
+        settings=dict(config["strategies"]["replay"]),
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        scenario="class",
+        device=torch.device("cpu"),
+        train_subset=64,
+    )
+    paths = (tmp_path / "run.ckpt", tmp_path / "run.json")
+    whole = run_strategy(spec, _half(mnist), resume_paths=paths)
+    # the saved state is that after the last experience: nothing is trained
+    resumed = run_strategy(spec, _half(mnist), resume_paths=paths)
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert whole["retained_mb"] > 0
+    assert resumed["retained_mb"] == whole["retained_mb"]
+
+
 def _naive(plugins=()):
     model = SimpleMLP(num_classes=6, input_size=144, hidden_size=16, drop_rate=0)
     return dict(

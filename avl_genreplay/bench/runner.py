@@ -353,9 +353,9 @@ def run_strategy(
         )
     start = time.time()
     last = None
-    # the most the strategy kept between experiences (resumed runs: since
-    # the restart)
-    retained = 0
+    # the most the strategy kept between experiences; a resumed run starts
+    # from what its restored state keeps (that of its last saved experience)
+    retained = retained_bytes(strategy) if matrix else 0
     if spec.strategy == "joint":
         if on_experience is not None:
             on_experience(0, 1)
