@@ -507,6 +507,44 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
     assert run["final_stream_acc"] == pytest.approx(sum(final) / 2)
 
 
+def test_a_run_records_the_rollbacks_of_its_generators_guard(tiny_stream, monkeypatch):
+    # the guard finds a non-finite loss once, at the third step of the first
+    # experience (the bench trains no generator after the last); the run
+    # recovers, and its record must say so
+    from avl_genreplay import generator_training
+
+    calls = []
+
+    def nonfinite_once(losses):
+        calls.append(1)
+        return "the g loss is not finite" if len(calls) == 3 else None
+
+    monkeypatch.setattr(generator_training, "_nonfinite", nonfinite_once)
+    config = load_config("splitmnist", quick=True)
+    settings = dict(
+        config["strategies"]["dgr"], generator_iterations=4, progress_bar=False
+    )
+    spec = RunSpec(
+        strategy="dgr",
+        seed=0,
+        solver=dict(config["solver"], train_epochs=1),
+        settings=settings,
+        input_shape=(1, 12, 12),
+        num_classes=6,
+        scenario="class",
+        device=torch.device("cpu"),
+    )
+    run = run_strategy(spec, _first_experiences(tiny_stream, 2))
+    assert run["generator_rollbacks"] == [
+        dict(experience=0, step=3, reason="the g loss is not finite", resumed_from=0)
+    ]
+    naive = run_strategy(
+        RunSpec(**dict(vars(spec), strategy="naive", settings={})),
+        _first_experiences(tiny_stream, 2),
+    )
+    assert naive["generator_rollbacks"] is None
+
+
 def _tiny_context(model, optimizer, scenario="class"):
     """A builder's context for 1x12x12 inputs of 6 classes, one epoch of
     batches of 8 on the CPU, without evaluator or progress bars."""

@@ -63,6 +63,7 @@ __all__ = [
     "replayed_class_counts",
     "replay_sampling",
     "generator_growth",
+    "generator_rollbacks",
     "module_bytes",
     "peak_ram_mb",
     "replay_quality",
@@ -240,6 +241,14 @@ def replay_sampling(strategy) -> Optional[list]:
     return getattr(plugin, "sampling_log", None)
 
 
+def generator_rollbacks(strategy) -> Optional[list]:
+    """Every rollback of the generator's training guard (experience, step,
+    reason, step resumed from), so a table's reader can tell a run that
+    recovered from one that did not need to (``None`` without a guard)."""
+    plugin = getattr(strategy, "generator_plugin", None)
+    return getattr(getattr(plugin, "guard", None), "rollbacks", None)
+
+
 def _metric(results: dict, prefix: str) -> Dict[int, float]:
     """Per-experience values of a metric, keyed by experience index."""
     found = {}
@@ -401,6 +410,7 @@ def run_strategy(
         "replayed_class_counts": replayed_class_counts(strategy),
         "replay_sampling": replay_sampling(strategy),
         "generator_growth": generator_growth(strategy),
+        "generator_rollbacks": generator_rollbacks(strategy),
         "replay_quality": replay_quality(all_metrics),
         "processes": processes,
     }
