@@ -478,17 +478,7 @@ def test_every_strategy_of_the_harness_runs(name, tiny_stream):
             progress_bar=False,
         )
     run = run_strategy(
-        RunSpec(
-            strategy=name,
-            seed=0,
-            solver=dict(config["solver"], train_epochs=1),
-            settings=settings,
-            input_shape=(1, 12, 12),
-            num_classes=6,
-            scenario="class",
-            device=torch.device("cpu"),
-        ),
-        _first_experiences(tiny_stream, 2),
+        _tiny_spec(name, config, settings), _first_experiences(tiny_stream, 2)
     )
     rows = 1 if name == "joint" else 2
     assert len(run["accuracy_matrix"]) == rows
@@ -524,8 +514,23 @@ def test_a_run_records_the_rollbacks_of_its_generators_guard(tiny_stream, monkey
     settings = dict(
         config["strategies"]["dgr"], generator_iterations=4, progress_bar=False
     )
-    spec = RunSpec(
-        strategy="dgr",
+    run = run_strategy(
+        _tiny_spec("dgr", config, settings), _first_experiences(tiny_stream, 2)
+    )
+    assert run["generator_rollbacks"] == [
+        dict(experience=0, step=3, reason="the g loss is not finite", resumed_from=0)
+    ]
+    naive = run_strategy(
+        _tiny_spec("naive", config, {}), _first_experiences(tiny_stream, 2)
+    )
+    assert naive["generator_rollbacks"] is None
+
+
+def _tiny_spec(name: str, config: dict, settings: dict) -> RunSpec:
+    """A class-incremental run of ``name`` on the tiny stream (1x12x12
+    inputs, 6 classes): one epoch of the config's solver, on the CPU."""
+    return RunSpec(
+        strategy=name,
         seed=0,
         solver=dict(config["solver"], train_epochs=1),
         settings=settings,
@@ -534,15 +539,6 @@ def test_a_run_records_the_rollbacks_of_its_generators_guard(tiny_stream, monkey
         scenario="class",
         device=torch.device("cpu"),
     )
-    run = run_strategy(spec, _first_experiences(tiny_stream, 2))
-    assert run["generator_rollbacks"] == [
-        dict(experience=0, step=3, reason="the g loss is not finite", resumed_from=0)
-    ]
-    naive = run_strategy(
-        RunSpec(**dict(vars(spec), strategy="naive", settings={})),
-        _first_experiences(tiny_stream, 2),
-    )
-    assert naive["generator_rollbacks"] is None
 
 
 def _tiny_context(model, optimizer, scenario="class"):
