@@ -114,12 +114,12 @@ def test_the_moving_average_is_what_the_generator_keeps():
     for _ in range(5):
         trainer.train_step(x, y)
     last = [p.clone() for p in generator.unet.parameters()]
-    average = [p.clone() for p in trainer.average.average.module.parameters()]
+    average = [p.clone() for p in trainer.average.current.average.module.parameters()]
     trainer.end_experience(0)
     kept = list(generator.unet.parameters())
     assert all(torch.equal(k, a) for k, a in zip(kept, average))
     assert not all(torch.equal(k, p) for k, p in zip(kept, last))
-    assert trainer.average is None
+    assert trainer.average.current is None
 
 
 def test_distilled_replay_learns_the_previous_models_predictions():

@@ -1,6 +1,7 @@
 """The WGAN-GP generator and its training step."""
 
 import math
+from copy import deepcopy
 
 import pytest
 import torch
@@ -112,3 +113,93 @@ def test_bad_generator_arguments_are_refused():
         ConvGenerator((28, 28))
     with pytest.raises(ValueError, match="critic_steps"):
         WGANGPTrainer(ConvGenerator((1, 12, 12), channels=8), critic_steps=0)
+
+
+def _batch_norm_inputs(generator, noise, condition=None):
+    """What the generator's first batch-norm layer sees for this noise."""
+    if condition is not None:
+        noise = torch.cat([noise, generator.label_embedding(condition)], dim=1)
+    return generator.dense[0](noise)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_the_generator_keeps_its_moving_average_with_fresh_statistics(conditional):
+    torch.manual_seed(0)
+    shape = (1, 12, 12)
+    generator = ConvGenerator(shape, channels=8, num_classes=4 if conditional else None)
+    trainer = WGANGPTrainer(generator, critic_steps=1, lr=1e-2, ema_decay=0.5)
+    x = torch.rand(16, *shape)
+    y = torch.tensor([1, 2] * 8) if conditional else None
+    first = [p.detach().clone() for p in generator.parameters()]
+    trainer.start_experience(0)
+    for _ in range(6):
+        trainer.train_step(x, y)
+    last = [p.detach().clone() for p in generator.parameters()]
+    average = [p.clone() for p in trainer.average.current.average.module.parameters()]
+    trainer.end_experience(0)
+    kept = list(generator.parameters())
+    assert all(torch.equal(k, a) for k, a in zip(kept, average))
+    assert not all(torch.equal(k, p) for k, p in zip(kept, last))
+    assert not all(torch.equal(k, p) for k, p in zip(kept, first))
+    assert trainer.average.current is None
+    # the statistics are those of the averaged weights' own samples (of the
+    # classes learned), not those gathered while training
+    with torch.no_grad():
+        noise = generator.sample_noise(4096)
+        condition = torch.tensor([1, 2] * 2048) if conditional else None
+        inputs = _batch_norm_inputs(generator, noise, condition)
+    norm = generator.dense[1]
+    assert torch.allclose(norm.running_mean, inputs.mean(0), atol=0.05)
+    assert torch.allclose(norm.running_var, inputs.var(0), rtol=0.1, atol=0.01)
+    assert generator.training
+
+
+def test_without_a_moving_average_the_generator_keeps_its_last_weights():
+    torch.manual_seed(0)
+    shape = (1, 12, 12)
+    generator = ConvGenerator(shape, channels=8)
+    trainer = WGANGPTrainer(generator, critic_steps=1, lr=1e-2)
+    trainer.start_experience(0)
+    for _ in range(3):
+        trainer.train_step(torch.rand(16, *shape))
+    state = {k: v.clone() for k, v in generator.state_dict().items()}
+    trainer.end_experience(0)
+    assert all(torch.equal(v, generator.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_rolled_back_trainer_restores_its_moving_average():
+    torch.manual_seed(0)
+    shape = (1, 12, 12)
+    generator = ConvGenerator(shape, channels=8)
+    trainer = WGANGPTrainer(generator, critic_steps=1, lr=1e-2, ema_decay=0.5)
+    x = torch.rand(16, *shape)
+    trainer.start_experience(0)
+    trainer.train_step(x)
+    saved = deepcopy(trainer.state_dict())  # as the training guard keeps it
+    kept = [p.clone() for p in trainer.average.current.average.module.parameters()]
+    for _ in range(3):
+        trainer.train_step(x)
+    trainer.load_state_dict(saved)
+    restored = list(trainer.average.current.average.module.parameters())
+    assert all(torch.equal(k, r) for k, r in zip(kept, restored))
+
+
+def test_a_moving_average_decay_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match="ema_decay"):
+        WGANGPTrainer(ConvGenerator((1, 12, 12), channels=8), ema_decay=1.0)
+
+
+def test_dgr_gives_its_generator_the_moving_average_it_is_asked_for():
+    from avalanche.models import SimpleMLP
+
+    from avl_genreplay.strategies import DGR
+
+    model = SimpleMLP(num_classes=4, input_size=144, hidden_size=8)
+    strategy = DGR(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        input_shape=(1, 12, 12),
+        ema_decay=0.9,
+        progress_bar=False,
+    )
+    assert strategy.generator_plugin.trainer.average.decay == 0.9

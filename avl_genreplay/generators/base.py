@@ -16,7 +16,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from avl_genreplay.distributed import extreme
 
-__all__ = ["ImageGenerator", "GeneratorTrainer", "WeightAverage", "check_ema_decay"]
+__all__ = [
+    "ImageGenerator",
+    "GeneratorTrainer",
+    "WeightAverage",
+    "ExperienceAverage",
+    "check_ema_decay",
+    "refresh_batch_norm",
+]
 
 
 class ImageGenerator(Generator, nn.Module):
@@ -251,3 +258,98 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict) -> None:
         self.average.load_state_dict(state)
+
+
+class ExperienceAverage:
+    """A trainer's moving average of a module's weights over each experience:
+    started by :meth:`start`, moved after each optimiser step by
+    :meth:`update`, loaded into the module by :meth:`finish` (see
+    :class:`WeightAverage`). With ``decay=None`` every call does nothing.
+
+    :param module: the module whose weights are averaged.
+    :param decay: the average's decay per step, in ``(0, 1)``, or ``None``.
+    """
+
+    def __init__(self, module: nn.Module, decay: Optional[float]):
+        check_ema_decay(decay)
+        self.module = module
+        self.decay = decay
+        #: the average of the experience under way, ``None`` between experiences
+        self.current: Optional[WeightAverage] = None
+
+    def start(self) -> None:
+        """Starts averaging from the module's weights as they are now."""
+        if self.decay is not None:
+            self.current = WeightAverage(self.module, self.decay)
+
+    def update(self) -> None:
+        """Moves the average towards the module's current weights."""
+        if self.current is not None:
+            self.current.update()
+
+    def finish(self) -> bool:
+        """Loads the average into the module and ends it; whether it did."""
+        if self.current is None:
+            return False
+        self.current.load_into_module()
+        self.current = None
+        return True
+
+    def state_dict(self) -> Optional[dict]:
+        """The average under way, for a trainer's state; ``None`` if none."""
+        return None if self.current is None else self.current.state_dict()
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Restores an average under way (nothing between experiences)."""
+        if self.current is not None and state is not None:
+            self.current.load_state_dict(state)
+
+
+@torch.no_grad()
+def refresh_batch_norm(
+    generator: ImageGenerator,
+    *,
+    batches: int = 16,
+    batch_size: int = 256,
+    classes: Optional[Sequence[int]] = None,
+) -> None:
+    """Measures the running statistics of the generator's batch-norm layers
+    anew on its own samples (a cumulative mean over ``batches`` batches).
+
+    Weights loaded from a moving average do not match the statistics the
+    layers gathered with the last weights, and a generator sampled in eval
+    mode (as replay samples it) uses those statistics.
+
+    :param generator: the generator; its mode is restored afterwards.
+    :param batches: batches of noise to pass through it.
+    :param batch_size: samples per batch.
+    :param classes: for a conditional generator, the classes to condition on
+        (drawn evenly at random); ignored for an unconditional one.
+    """
+    norms = [
+        module
+        for module in generator.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.track_running_stats
+    ]
+    if not norms:
+        return
+    if generator.is_conditional and not classes:
+        raise ValueError("a conditional generator needs the classes to sample")
+    was_training = generator.training
+    momenta = [module.momentum for module in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative mean over the batches
+    generator.train()
+    try:
+        for _ in range(batches):
+            condition = None
+            if generator.is_conditional:
+                picks = torch.randint(len(classes), (batch_size,))
+                condition = torch.as_tensor(list(classes))[picks].to(generator.device)
+            generator.decode(generator.sample_noise(batch_size), condition)
+    finally:
+        for module, momentum in zip(norms, momenta):
+            module.momentum = momentum
+        generator.train(was_training)

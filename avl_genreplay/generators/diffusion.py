@@ -29,7 +29,7 @@ from avl_genreplay.distributed import average_gradients, union
 from avl_genreplay.generators.base import (
     GeneratorTrainer,
     ImageGenerator,
-    WeightAverage,
+    ExperienceAverage,
     check_ema_decay,
 )
 from avl_genreplay.replay import frozen_copy
@@ -437,7 +437,7 @@ class DDPMTrainer(GeneratorTrainer):
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
         self.snr_gamma = snr_gamma
         self.ema_decay = ema_decay
-        self.average: Optional[WeightAverage] = None
+        self.average = ExperienceAverage(generator.unet, ema_decay)
         self.distill_replay = distill_replay
         self.teacher: Optional[DiffusionGenerator] = None
         # with distill_replay: classes of finished experiences, and of the
@@ -446,15 +446,12 @@ class DDPMTrainer(GeneratorTrainer):
         self._classes_now: set = set()
 
     def start_experience(self, experience_index: int) -> None:
-        if self.ema_decay is not None:
-            self.average = WeightAverage(self.generator.unet, self.ema_decay)
+        self.average.start()
         if self.distill_replay and self.learned_classes:
             self.teacher = frozen_copy(self.generator)
 
     def end_experience(self, experience_index: int) -> None:
-        if self.average is not None:
-            self.average.load_into_module()
-            self.average = None
+        self.average.finish()
         # every rank's batches: the classes must be the same on every rank
         learned = union(self._classes_now)
         self.learned_classes = sorted(set(self.learned_classes) | learned)
@@ -522,8 +519,7 @@ class DDPMTrainer(GeneratorTrainer):
         loss.backward()
         average_gradients(self.optimizer)
         self.optimizer.step()
-        if self.average is not None:
-            self.average.update()
+        self.average.update()
         return {"diffusion": loss.item()}
 
     def state_dict(self) -> dict:
@@ -531,7 +527,7 @@ class DDPMTrainer(GeneratorTrainer):
             "generator": self.generator.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
-        if self.average is not None:
+        if self.average.current is not None:
             state["average"] = self.average.state_dict()
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
@@ -542,8 +538,7 @@ class DDPMTrainer(GeneratorTrainer):
     def load_state_dict(self, state: dict) -> None:
         self.generator.load_state_dict(state["generator"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.average is not None and "average" in state:
-            self.average.load_state_dict(state["average"])
+        self.average.load_state_dict(state.get("average"))
         self.learned_classes = list(state.get("learned_classes", []))
         self._classes_now = set(state.get("classes_now", []))
         if "teacher" in state:

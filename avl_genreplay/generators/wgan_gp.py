@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avl_genreplay.distributed import average_gradients
-from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
+from avl_genreplay.generators.base import (
+    ExperienceAverage,
+    GeneratorTrainer,
+    ImageGenerator,
+    refresh_batch_norm,
+)
 
 __all__ = [
     "ConvGenerator",
@@ -167,6 +172,13 @@ class WGANGPTrainer(GeneratorTrainer):
     :param gp_weight: weight of the gradient penalty (lambda).
     :param penalty_share: share of each batch on which the gradient penalty
         is estimated (see :func:`gradient_penalty`).
+    :param ema_decay: keep an exponential moving average of the generator's
+        weights over each experience (updated after each generator step) and
+        load it into the generator at the experience's end, so that replay
+        samples the average (Yazici et al., 2019: averaged GAN generators
+        sample better than their last iterate); its batch-norm statistics are
+        then measured anew on its own samples (:func:`refresh_batch_norm`).
+        ``None`` keeps the last weights.
     """
 
     supports_distributed = True
@@ -181,6 +193,7 @@ class WGANGPTrainer(GeneratorTrainer):
         critic_steps: int = 5,
         gp_weight: float = 10.0,
         penalty_share: float = 1.0,
+        ema_decay: Optional[float] = None,
     ):
         if critic_steps < 1:
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
@@ -200,6 +213,19 @@ class WGANGPTrainer(GeneratorTrainer):
             self.critic.parameters(), lr=lr, betas=betas
         )
         self.steps = 0
+        self.average = ExperienceAverage(generator, ema_decay)
+        # a conditional generator's batch-norm statistics are measured anew
+        # on the classes it learned
+        self.learned_classes: set = set()
+
+    def start_experience(self, experience_index: int) -> None:
+        self.average.start()
+
+    def end_experience(self, experience_index: int) -> None:
+        if self.average.finish():
+            refresh_batch_norm(
+                self.generator, classes=sorted(self.learned_classes) or None
+            )
 
     def modules(self) -> Dict[str, nn.Module]:
         return {"critic": self.critic}
@@ -210,6 +236,8 @@ class WGANGPTrainer(GeneratorTrainer):
     def train_step(self, x: Tensor, y: Optional[Tensor] = None) -> Dict[str, float]:
         generator, critic = self.generator, self.critic
         condition = y if generator.is_conditional else None
+        if condition is not None and self.average.decay is not None:
+            self.learned_classes.update(condition.unique().tolist())
         generator.train()
         critic.train()
         real = generator.to_unit_range(x)
@@ -238,6 +266,7 @@ class WGANGPTrainer(GeneratorTrainer):
             generator_loss.backward()
             average_gradients(self.generator_optimizer)
             self.generator_optimizer.step()
+            self.average.update()
             losses["generator"] = generator_loss.item()
         return losses
 
@@ -248,6 +277,8 @@ class WGANGPTrainer(GeneratorTrainer):
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict(),
             "steps": self.steps,
+            "average": self.average.state_dict(),
+            "learned_classes": sorted(self.learned_classes),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -256,3 +287,5 @@ class WGANGPTrainer(GeneratorTrainer):
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.steps = state["steps"]
+        self.average.load_state_dict(state.get("average"))
+        self.learned_classes = set(state.get("learned_classes", []))

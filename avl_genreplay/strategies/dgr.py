@@ -43,7 +43,8 @@ class DGR(SupervisedTemplate):
     :param generator: an image generator; ``None`` for a
         :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`.
     :param generator_trainer: its training step; ``None`` for WGAN-GP with
-        ``generator_lr`` and ``critic_steps``.
+        ``generator_lr``, ``critic_steps``, ``penalty_share`` and
+        ``ema_decay``.
     :param generator_iterations: generator training steps (critic updates)
         per experience.
     :param generator_mb_size: the generator's batch size.
@@ -52,6 +53,10 @@ class DGR(SupervisedTemplate):
     :param penalty_share: share of the critic's batch on which the gradient
         penalty is estimated (its double backward pass is the dearest part
         of a critic step: 0.5 makes the step about a fifth faster).
+    :param ema_decay: replay a moving average of the generator's weights over
+        each experience instead of its last weights (``ema_decay`` of
+        :class:`~avl_genreplay.generators.wgan_gp.WGANGPTrainer`); ``None``,
+        as in DGR's paper, for the last weights.
     :param generator_schedule: train the generator ``"after"`` the solver or
         ``"alongside"`` it.
     :param generator_replay_share: share of replay in the generator's batches;
@@ -119,6 +124,7 @@ class DGR(SupervisedTemplate):
         generator_lr: float = 2e-4,
         critic_steps: int = 5,
         penalty_share: float = 1.0,
+        ema_decay: Optional[float] = None,
         generator_schedule: str = "after",
         generator_replay_share: Optional[float] = None,
         importance_ratio: Optional[float] = None,
@@ -159,6 +165,7 @@ class DGR(SupervisedTemplate):
                 lr=generator_lr,
                 critic_steps=critic_steps,
                 penalty_share=penalty_share,
+                ema_decay=ema_decay,
             )
         elif generator_trainer.generator is not generator:
             raise ValueError("generator_trainer must train the given generator")
