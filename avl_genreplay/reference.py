@@ -265,8 +265,9 @@ def train_reference_classifier(
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         # written aside and moved, so that a run stopped midway leaves no
-        # half-written cache behind
-        partial = path.with_suffix(".partial")
+        # half-written cache behind; one file per process, so that processes
+        # training the same classifier at once do not write into each other's
+        partial = path.with_suffix(f".{os.getpid()}.partial")
         torch.save(model.state_dict(), partial)
         partial.replace(path)
         source = f"trained on {len(x)} samples, saved to {path}"

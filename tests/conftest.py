@@ -15,9 +15,15 @@ warnings.filterwarnings("ignore", category=UserWarning)
 _DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# Two torch threads on the 2-core machines; one per process when pytest-xdist
+# runs the tests in several processes (``-n 2``), which would otherwise ask for
+# more threads than there are cores and slow every process down.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
-def _two_threads():
-    torch.set_num_threads(2)
+def _torch_threads():
+    torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,8 @@ def _dgr(iterations, **settings):
             generator_iterations=iterations,
             generator_lr=1e-3,
             critic_steps=1,
+            # nothing replays the generator after the last experience
+            generator_train_after_last=False,
             progress_bar=False,
             **settings,
             **kwargs,
