@@ -33,6 +33,8 @@ with warnings.catch_warnings():
         DGMTrainer,
         DiffusionGenerator,
         MaskedConvGenerator,
+        MlpCritic,
+        MlpGenerator,
         WGANGPTrainer,
     )
     from avl_genreplay.metrics import (
@@ -70,6 +72,8 @@ __all__ = [
     "ReplayPoolPlugin",
     "ConvGenerator",
     "ConvCritic",
+    "MlpGenerator",
+    "MlpCritic",
     "WGANGPTrainer",
     "DiffusionGenerator",
     "DDPMTrainer",

@@ -9,6 +9,8 @@ import torch
 from avl_genreplay.generators.wgan_gp import (
     ConvCritic,
     ConvGenerator,
+    MlpCritic,
+    MlpGenerator,
     WGANGPTrainer,
     gradient_penalty,
 )
@@ -45,6 +47,32 @@ def test_wgan_gp_losses_are_finite_and_move_the_generator(conditional):
         assert all(math.isfinite(v) for v in losses.values())
     after = list(generator.parameters())
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_fully_connected_wgan_gp_learns_where_the_data_is_bright(conditional):
+    """Images bright on one half (the left, or per class the left or the
+    right): after training, the samples are brighter on that half."""
+    torch.manual_seed(0)
+    shape = (1, 8, 8)
+    classes = 2 if conditional else None
+    generator = MlpGenerator(shape, hidden_size=64, num_classes=classes)
+    critic = MlpCritic(shape, hidden_size=64, num_classes=classes)
+    trainer = WGANGPTrainer(generator, critic, critic_steps=2, lr=2e-3)
+    y = torch.arange(64) % 2 if conditional else torch.zeros(64, dtype=torch.long)
+    x = torch.full((64, *shape), -1.0)
+    for i, label in enumerate(y.tolist()):
+        half = slice(0, 4) if label == 0 else slice(4, 8)
+        x[i, :, :, half] = 1.0
+    for _ in range(150):
+        trainer.train_step(x + 0.05 * torch.randn_like(x), y if conditional else None)
+    generator.eval()
+    for label in (0, 1) if conditional else (0,):
+        condition = torch.full((200,), label) if conditional else None
+        samples = generator.generate(200, condition)
+        left, right = samples[..., :4].mean(), samples[..., 4:].mean()
+        bright, dark = (left, right) if label == 0 else (right, left)
+        assert bright - dark > 1.0
 
 
 def test_gradient_penalty_on_a_share_of_the_batch():
@@ -203,3 +231,45 @@ def test_dgr_gives_its_generator_the_moving_average_it_is_asked_for():
         progress_bar=False,
     )
     assert strategy.generator_plugin.trainer.average.decay == 0.9
+
+
+@pytest.mark.parametrize(
+    "architecture, networks",
+    [("conv", (ConvGenerator, ConvCritic)), ("mlp", (MlpGenerator, MlpCritic))],
+)
+def test_dgr_builds_the_generator_and_critic_of_its_architecture(
+    architecture, networks
+):
+    from avalanche.models import SimpleMLP
+
+    from avl_genreplay.strategies import DGR
+
+    model = SimpleMLP(num_classes=4, input_size=144, hidden_size=8)
+    strategy = DGR(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        input_shape=(1, 12, 12),
+        generator_architecture=architecture,
+        generator_hidden_size=24,
+        progress_bar=False,
+    )
+    critic = strategy.generator_plugin.trainer.critic
+    assert (type(strategy.generator), type(critic)) == networks
+    if architecture == "mlp":
+        assert critic.score.in_features == 24
+    assert strategy.generator.generate(3).shape == (3, 1, 12, 12)
+
+
+def test_dgr_refuses_an_unknown_architecture():
+    from avalanche.models import SimpleMLP
+
+    from avl_genreplay.strategies import DGR
+
+    model = SimpleMLP(num_classes=4, input_size=144, hidden_size=8)
+    with pytest.raises(ValueError, match="generator_architecture must be one of"):
+        DGR(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            input_shape=(1, 12, 12),
+            generator_architecture="resnet",
+        )

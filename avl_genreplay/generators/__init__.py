@@ -13,13 +13,21 @@ from avl_genreplay.generators.diffusion import (
     SmallUNet,
 )
 from avl_genreplay.generators.vae import DataRangeMlpVAE
-from avl_genreplay.generators.wgan_gp import ConvCritic, ConvGenerator, WGANGPTrainer
+from avl_genreplay.generators.wgan_gp import (
+    ConvCritic,
+    ConvGenerator,
+    MlpCritic,
+    MlpGenerator,
+    WGANGPTrainer,
+)
 
 __all__ = [
     "ImageGenerator",
     "GeneratorTrainer",
     "ConvGenerator",
     "ConvCritic",
+    "MlpGenerator",
+    "MlpCritic",
     "WGANGPTrainer",
     "DiffusionGenerator",
     "DDPMTrainer",

@@ -17,10 +17,22 @@ from avl_genreplay.devices import check_device
 from avl_genreplay.distributed import with_data_parallel
 from avl_genreplay.generator_training import GeneratorTrainingPlugin
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
-from avl_genreplay.generators.wgan_gp import ConvGenerator, WGANGPTrainer
+from avl_genreplay.generators.wgan_gp import (
+    ConvCritic,
+    ConvGenerator,
+    MlpCritic,
+    MlpGenerator,
+    WGANGPTrainer,
+)
 from avl_genreplay.replay import SolverReplayPlugin
 
 __all__ = ["DGR"]
+
+# generator_architecture: the default generator and critic classes
+_ARCHITECTURES = {
+    "conv": (ConvGenerator, ConvCritic),
+    "mlp": (MlpGenerator, MlpCritic),
+}
 
 
 class DGR(SupervisedTemplate):
@@ -40,8 +52,17 @@ class DGR(SupervisedTemplate):
     :param criterion: the solver's loss.
     :param input_shape: ``(channels, height, width)`` of the benchmark's
         inputs; builds the default generator. Ignored if ``generator`` is given.
-    :param generator: an image generator; ``None`` for a
-        :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`.
+    :param generator: an image generator; ``None`` for one of
+        ``generator_architecture``.
+    :param generator_architecture: the default generator and critic:
+        ``"conv"`` (:class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`
+        and :class:`~avl_genreplay.generators.wgan_gp.ConvCritic`) or
+        ``"mlp"`` (:class:`~avl_genreplay.generators.wgan_gp.MlpGenerator` and
+        :class:`~avl_genreplay.generators.wgan_gp.MlpCritic`, 2 hidden layers
+        of ``generator_hidden_size``; about three times cheaper a step on a
+        CPU). Used only where ``generator`` and ``generator_trainer`` are not
+        given.
+    :param generator_hidden_size: hidden units of the ``"mlp"`` networks.
     :param generator_trainer: its training step; ``None`` for WGAN-GP with
         ``generator_lr``, ``critic_steps``, ``penalty_share`` and
         ``ema_decay``.
@@ -118,6 +139,8 @@ class DGR(SupervisedTemplate):
         criterion=CrossEntropyLoss(),
         input_shape: Optional[Sequence[int]] = None,
         generator: Optional[ImageGenerator] = None,
+        generator_architecture: str = "conv",
+        generator_hidden_size: int = 400,
         generator_trainer: Optional[GeneratorTrainer] = None,
         generator_iterations: int = 1000,
         generator_mb_size: int = 64,
@@ -151,17 +174,31 @@ class DGR(SupervisedTemplate):
         **base_kwargs,
     ):
         device = check_device(device)
+        if generator_architecture not in _ARCHITECTURES:
+            raise ValueError(
+                f"generator_architecture must be one of {sorted(_ARCHITECTURES)}, "
+                f"got {generator_architecture!r}"
+            )
+        make_generator, make_critic = _ARCHITECTURES[generator_architecture]
+        hidden = (
+            {}
+            if generator_architecture == "conv"
+            else {"hidden_size": generator_hidden_size}
+        )
+        critic = None
         if generator is None:
             if generator_trainer is not None:
                 generator = generator_trainer.generator
             elif input_shape is None:
                 raise ValueError("DGR needs input_shape (or a generator)")
             else:
-                generator = ConvGenerator(input_shape)
+                generator = make_generator(input_shape, **hidden)
+                critic = make_critic(input_shape, **hidden)
         generator.to(device)
         if generator_trainer is None:
             generator_trainer = WGANGPTrainer(
                 generator,
+                None if critic is None else critic.to(device),
                 lr=generator_lr,
                 critic_steps=critic_steps,
                 penalty_share=penalty_share,
