@@ -375,14 +375,11 @@ class ACDiscriminator(ConvCritic):
     def score_and_logits(
         self, x: Tensor, condition: Optional[Tensor] = None
     ) -> Tuple[Tensor, Tensor]:
-        features = self.features(self._pad(x))
-        score = self.score(features).squeeze(1)
-        if self.label_projection is not None and condition is not None:
-            score = score + (self.label_projection(condition) * features).sum(1)
-        return score, self.classifier(features)
+        features = self.features(self._prepare(x))
+        return self._scored(features, condition), self.classifier(features)
 
     def classify(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(self._pad(x)))
+        return self.classifier(self.features(self._prepare(x)))
 
 
 class DiscriminatorSolver(nn.Module):

@@ -6,7 +6,8 @@ follow the image shape (two stride-2 stages, so 28x28 starts from 7x7 and
 replay uses on MNIST) are cheaper on a CPU.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,53 @@ def _base_size(output_shape: Sequence[int]) -> Tuple[int, int]:
     return -(-height // 4), -(-width // 4)
 
 
+def _label_embedding(num_classes: Optional[int]) -> Optional[nn.Embedding]:
+    """The label embedding a conditional generator concatenates to its noise
+    (``None`` for an unconditional one)."""
+    if num_classes is None:
+        return None
+    return nn.Embedding(num_classes, min(num_classes, 32))
+
+
+def _with_label(
+    embedding: Optional[nn.Embedding], noise: Tensor, condition: Optional[Tensor]
+) -> Tensor:
+    """``noise`` with the embedding of its ``condition`` appended, if any."""
+    if condition is None:
+        return noise
+    return torch.cat([noise, embedding(condition)], dim=1)
+
+
+def _embedding_width(embedding: Optional[nn.Embedding]) -> int:
+    return 0 if embedding is None else embedding.embedding_dim
+
+
+def _dense_layers(
+    width: int,
+    hidden_size: int,
+    hidden_layers: int,
+    *,
+    activation: Callable[[], nn.Module],
+    batch_norm: bool,
+) -> List[nn.Module]:
+    """``hidden_layers`` fully connected layers of ``hidden_size`` units from
+    ``width`` inputs, each followed by batch norm (if asked) and a new
+    ``activation()``."""
+    if hidden_size < 1 or hidden_layers < 1:
+        raise ValueError(
+            "hidden_size and hidden_layers must be >= 1, got "
+            f"{hidden_size} and {hidden_layers}"
+        )
+    layers: List[nn.Module] = []
+    for _ in range(hidden_layers):
+        layers.append(nn.Linear(width, hidden_size))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden_size))
+        layers.append(activation())
+        width = hidden_size
+    return layers
+
+
 class ConvGenerator(ImageGenerator):
     """Convolutional generator: noise -> dense -> two transposed convolutions.
 
@@ -59,10 +107,8 @@ class ConvGenerator(ImageGenerator):
         super().__init__(output_shape, noise_dim, num_classes, data_range)
         base_h, base_w = _base_size(self.output_shape)
         self.base_shape = (2 * channels, base_h, base_w)
-        embed = 0
-        if num_classes is not None:
-            embed = min(num_classes, 32)
-            self.label_embedding = nn.Embedding(num_classes, embed)
+        self.label_embedding = _label_embedding(num_classes)
+        embed = _embedding_width(self.label_embedding)
         self.dense = nn.Sequential(
             nn.Linear(noise_dim + embed, 2 * channels * base_h * base_w),
             nn.BatchNorm1d(2 * channels * base_h * base_w),
@@ -77,15 +123,40 @@ class ConvGenerator(ImageGenerator):
         )
 
     def decode(self, noise: Tensor, condition: Optional[Tensor] = None) -> Tensor:
-        if condition is not None:
-            noise = torch.cat([noise, self.label_embedding(condition)], dim=1)
+        noise = _with_label(self.label_embedding, noise, condition)
         hidden = self.dense(noise).view(-1, *self.base_shape)
         images = self.upsample(hidden)
         _, height, width = self.output_shape
         return images[:, :, :height, :width]
 
 
-class ConvCritic(nn.Module):
+class _ProjectionCritic(nn.Module):
+    """A WGAN critic's linear score on its ``features`` (of ``width``); with
+    ``num_classes``, conditioned on the label by projection (Miyato & Koyama,
+    2018). Subclasses may prepare the inputs first (:meth:`_prepare`)."""
+
+    def __init__(self, features: nn.Module, width: int, num_classes: Optional[int]):
+        super().__init__()
+        self.features = features
+        self.score = nn.Linear(width, 1)
+        self.label_projection = (
+            nn.Embedding(num_classes, width) if num_classes is not None else None
+        )
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        return x
+
+    def _scored(self, features: Tensor, condition: Optional[Tensor]) -> Tensor:
+        score = self.score(features).squeeze(1)
+        if self.label_projection is not None and condition is not None:
+            score = score + (self.label_projection(condition) * features).sum(1)
+        return score
+
+    def forward(self, x: Tensor, condition: Optional[Tensor] = None) -> Tensor:
+        return self._scored(self.features(self._prepare(x)), condition)
+
+
+class ConvCritic(_ProjectionCritic):
     """WGAN critic: two stride-2 convolutions and a linear score.
 
     No batch normalisation, which the gradient penalty does not allow. With
@@ -103,40 +174,21 @@ class ConvCritic(nn.Module):
         channels: int = 32,
         num_classes: Optional[int] = None,
     ):
-        super().__init__()
         base_h, base_w = _base_size(input_shape)
-        features = 2 * channels * base_h * base_w
-        self.features = nn.Sequential(
+        features = nn.Sequential(
             nn.Conv2d(input_shape[0], channels, 4, 2, 1),
             nn.LeakyReLU(0.2),
             nn.Conv2d(channels, 2 * channels, 4, 2, 1),
             nn.LeakyReLU(0.2),
             nn.Flatten(),
         )
+        super().__init__(features, 2 * channels * base_h * base_w, num_classes)
         self.input_shape = tuple(input_shape)
-        self.score = nn.Linear(features, 1)
-        self.label_projection = (
-            nn.Embedding(num_classes, features) if num_classes is not None else None
-        )
 
-    def _pad(self, x: Tensor) -> Tensor:
+    def _prepare(self, x: Tensor) -> Tensor:
         # Sizes not divisible by 4 are padded to the generator's upsampled size.
         base_h, base_w = _base_size(self.input_shape)
         return F.pad(x, (0, 4 * base_w - x.shape[-1], 0, 4 * base_h - x.shape[-2]))
-
-    def forward(self, x: Tensor, condition: Optional[Tensor] = None) -> Tensor:
-        features = self.features(self._pad(x))
-        score = self.score(features).squeeze(1)
-        if self.label_projection is not None and condition is not None:
-            score = score + (self.label_projection(condition) * features).sum(1)
-        return score
-
-
-def _flat_size(shape: Sequence[int]) -> int:
-    size = 1
-    for s in shape:
-        size *= int(s)
-    return size
 
 
 class MlpGenerator(ImageGenerator):
@@ -164,34 +216,21 @@ class MlpGenerator(ImageGenerator):
         data_range: Optional[Tuple[float, float]] = None,
     ):
         super().__init__(output_shape, noise_dim, num_classes, data_range)
-        if hidden_size < 1 or hidden_layers < 1:
-            raise ValueError(
-                "hidden_size and hidden_layers must be >= 1, got "
-                f"{hidden_size} and {hidden_layers}"
-            )
-        embed = 0
-        if num_classes is not None:
-            embed = min(num_classes, 32)
-            self.label_embedding = nn.Embedding(num_classes, embed)
-        layers: List[nn.Module] = []
-        width = noise_dim + embed
-        for _ in range(hidden_layers):
-            layers += [
-                nn.Linear(width, hidden_size),
-                nn.BatchNorm1d(hidden_size),
-                nn.ReLU(),
-            ]
-            width = hidden_size
-        layers += [nn.Linear(width, _flat_size(self.output_shape)), nn.Tanh()]
-        self.layers = nn.Sequential(*layers)
+        self.label_embedding = _label_embedding(num_classes)
+        width = noise_dim + _embedding_width(self.label_embedding)
+        hidden = _dense_layers(
+            width, hidden_size, hidden_layers, activation=nn.ReLU, batch_norm=True
+        )
+        self.layers = nn.Sequential(
+            *hidden, nn.Linear(hidden_size, math.prod(self.output_shape)), nn.Tanh()
+        )
 
     def decode(self, noise: Tensor, condition: Optional[Tensor] = None) -> Tensor:
-        if condition is not None:
-            noise = torch.cat([noise, self.label_embedding(condition)], dim=1)
+        noise = _with_label(self.label_embedding, noise, condition)
         return self.layers(noise).view(-1, *self.output_shape)
 
 
-class MlpCritic(nn.Module):
+class MlpCritic(_ProjectionCritic):
     """WGAN critic of fully connected layers (no normalisation, which the
     gradient penalty does not allow); with ``num_classes`` a projection
     critic, as :class:`ConvCritic`.
@@ -209,29 +248,14 @@ class MlpCritic(nn.Module):
         hidden_layers: int = 2,
         num_classes: Optional[int] = None,
     ):
-        super().__init__()
-        if hidden_size < 1 or hidden_layers < 1:
-            raise ValueError(
-                "hidden_size and hidden_layers must be >= 1, got "
-                f"{hidden_size} and {hidden_layers}"
-            )
-        layers: List[nn.Module] = [nn.Flatten()]
-        width = _flat_size(input_shape)
-        for _ in range(hidden_layers):
-            layers += [nn.Linear(width, hidden_size), nn.LeakyReLU(0.2)]
-            width = hidden_size
-        self.features = nn.Sequential(*layers)
-        self.score = nn.Linear(width, 1)
-        self.label_projection = (
-            nn.Embedding(num_classes, width) if num_classes is not None else None
+        hidden = _dense_layers(
+            math.prod(input_shape),
+            hidden_size,
+            hidden_layers,
+            activation=lambda: nn.LeakyReLU(0.2),
+            batch_norm=False,
         )
-
-    def forward(self, x: Tensor, condition: Optional[Tensor] = None) -> Tensor:
-        features = self.features(x)
-        score = self.score(features).squeeze(1)
-        if self.label_projection is not None and condition is not None:
-            score = score + (self.label_projection(condition) * features).sum(1)
-        return score
+        super().__init__(nn.Sequential(nn.Flatten(), *hidden), hidden_size, num_classes)
 
 
 def gradient_penalty(

@@ -1,6 +1,6 @@
 """Deep Generative Replay (Shin et al., NeurIPS 2017) as an Avalanche strategy."""
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -28,11 +28,19 @@ from avl_genreplay.replay import SolverReplayPlugin
 
 __all__ = ["DGR"]
 
-# generator_architecture: the default generator and critic classes
-_ARCHITECTURES = {
-    "conv": (ConvGenerator, ConvCritic),
-    "mlp": (MlpGenerator, MlpCritic),
-}
+_ARCHITECTURES = ("conv", "mlp")
+
+
+def _default_networks(
+    architecture: str, input_shape: Sequence[int], hidden_size: int
+) -> Tuple[ImageGenerator, Module]:
+    """The generator and critic of ``generator_architecture``."""
+    if architecture == "conv":
+        return ConvGenerator(input_shape), ConvCritic(input_shape)
+    return (
+        MlpGenerator(input_shape, hidden_size=hidden_size),
+        MlpCritic(input_shape, hidden_size=hidden_size),
+    )
 
 
 class DGR(SupervisedTemplate):
@@ -176,15 +184,9 @@ class DGR(SupervisedTemplate):
         device = check_device(device)
         if generator_architecture not in _ARCHITECTURES:
             raise ValueError(
-                f"generator_architecture must be one of {sorted(_ARCHITECTURES)}, "
+                f"generator_architecture must be one of {list(_ARCHITECTURES)}, "
                 f"got {generator_architecture!r}"
             )
-        make_generator, make_critic = _ARCHITECTURES[generator_architecture]
-        hidden = (
-            {}
-            if generator_architecture == "conv"
-            else {"hidden_size": generator_hidden_size}
-        )
         critic = None
         if generator is None:
             if generator_trainer is not None:
@@ -192,8 +194,9 @@ class DGR(SupervisedTemplate):
             elif input_shape is None:
                 raise ValueError("DGR needs input_shape (or a generator)")
             else:
-                generator = make_generator(input_shape, **hidden)
-                critic = make_critic(input_shape, **hidden)
+                generator, critic = _default_networks(
+                    generator_architecture, input_shape, generator_hidden_size
+                )
         generator.to(device)
         if generator_trainer is None:
             generator_trainer = WGANGPTrainer(
