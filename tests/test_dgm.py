@@ -16,6 +16,8 @@ from avl_genreplay.generators.dgm import (
     DGMTrainer,
     DiscriminatorSolver,
     MaskedConvGenerator,
+    MaskedMlpGenerator,
+    MlpACDiscriminator,
 )
 from avl_genreplay.generators.masks import TaskMask, annealed_scale
 from avl_genreplay.generators.wgan_gp import ConvGenerator
@@ -32,7 +34,11 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def _generator(variant, channels=(8, 4)):
+def _generator(variant, channels=(8, 4), architecture="conv"):
+    if architecture == "mlp":
+        return MaskedMlpGenerator(
+            SHAPE, 6, variant=variant, noise_dim=NOISE, hidden_sizes=channels
+        )
     return MaskedConvGenerator(
         SHAPE, 6, variant=variant, noise_dim=NOISE, channels=channels
     )
@@ -108,13 +114,26 @@ def test_masks_are_soft_in_training_and_binary_at_inference(variant):
     assert set(past.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("architecture", ["conv", "mlp"])
 @pytest.mark.parametrize("variant", ["w", "a"])
 def test_a_past_task_generates_the_same_samples_after_a_later_task(
-    variant, tiny_stream
+    variant, architecture, tiny_stream
 ):
     torch.manual_seed(0)
-    strategy = _dgm(variant, generator_iterations=12, train_epochs=1)
+    strategy = _dgm(
+        variant,
+        generator_iterations=12,
+        train_epochs=1,
+        generator_architecture=architecture,
+        generator_hidden_size=16,
+    )
     generator = strategy.generator
+    if architecture == "mlp":
+        assert isinstance(generator, MaskedMlpGenerator)
+        assert generator.units == [16, 16]
+        discriminator = strategy.generator_trainer.discriminator
+        assert isinstance(discriminator, MlpACDiscriminator)
+        assert discriminator.score.in_features == 16
     strategy.train(tiny_stream.train_stream[0])
     noise = torch.randn(10, NOISE)
     classes = torch.tensor([0, 1] * 5)
@@ -162,10 +181,11 @@ def test_each_task_of_a_domain_incremental_stream_learns_its_classes_again(
     assert sorted(set(tasks.tolist())) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("architecture", ["conv", "mlp"])
 @pytest.mark.parametrize("variant", ["w", "a"])
-def test_blocked_parameters_keep_their_values(variant):
+def test_blocked_parameters_keep_their_values(variant, architecture):
     torch.manual_seed(0)
-    generator = _generator(variant)
+    generator = _generator(variant, architecture=architecture)
     trainer = DGMTrainer(generator, anneal_steps=10, critic_steps=1)
     _train_task(trainer, 0, [0, 1], 10)
     trainer.end_experience(0)
@@ -215,6 +235,32 @@ def test_the_generator_grows_after_a_task_by_the_amount_reported(variant):
     assert generator.growth_log == [record]
     # the new units are free: no past task uses them
     assert all(share < 1 for share in record["reserved_share"])
+    samples = generator.eval().generate(4, torch.tensor([0, 1, 2, 3]))
+    assert samples.shape == (4, *SHAPE)
+
+
+@pytest.mark.parametrize("variant", ["w", "a"])
+def test_the_fully_connected_generator_grows_by_the_amount_reported(variant):
+    torch.manual_seed(0)
+    generator = _generator(variant, channels=(12, 10), architecture="mlp")
+    trainer = DGMTrainer(generator, anneal_steps=10, critic_steps=1)
+    assert isinstance(trainer.discriminator, MlpACDiscriminator)
+    in_features, pixels = NOISE + 6, math.prod(SHAPE)
+    _train_task(trainer, 0, [0, 1], 6)
+    record = trainer.generator.end_task()
+    added = record["added_units"]
+    assert sum(added) > 0
+    assert generator.units == [12 + added[0], 10 + added[1]] == record["units"]
+    if variant == "a":
+        assert added == record["reserved_units"]
+    else:
+        # a hidden unit holds its fan-in and its bias
+        per_unit = [in_features + 1, 12 + 1]
+        for a, n, p in zip(added, record["reserved_weights"], per_unit):
+            assert a == math.ceil(n / p)
+    u1, u2 = generator.units
+    expected = u1 * (in_features + 1) + u2 * (u1 + 1) + pixels * (u2 + 1)
+    assert generator.layer_parameters() == record["parameters"] == expected
     samples = generator.eval().generate(4, torch.tensor([0, 1, 2, 3]))
     assert samples.shape == (4, *SHAPE)
 
@@ -269,9 +315,17 @@ def test_a_task_mask_commits_binary_masks_and_grows_free():
         mask.mask(5)
 
 
+@pytest.mark.parametrize("fully_connected", [False, True])
 @pytest.mark.parametrize("projection", [False, True])
-def test_the_discriminator_scores_and_classifies(projection):
-    discriminator = ACDiscriminator((1, 28, 28), 10, channels=8, projection=projection)
+def test_the_discriminator_scores_and_classifies(projection, fully_connected):
+    if fully_connected:
+        discriminator = MlpACDiscriminator(
+            (1, 28, 28), 10, hidden_size=16, projection=projection
+        )
+    else:
+        discriminator = ACDiscriminator(
+            (1, 28, 28), 10, channels=8, projection=projection
+        )
     x = torch.randn(5, 1, 28, 28)
     y = torch.tensor([0, 1, 2, 3, 4])
     score, logits = discriminator.score_and_logits(x, y)
@@ -285,8 +339,11 @@ def test_the_discriminator_scores_and_classifies(projection):
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_generator_samples_have_the_benchmark_shape(shape):
-    generator = MaskedConvGenerator(shape, 10, channels=(8, 4))
-    assert generator.generate(3, torch.tensor([0, 5, 9])).shape == (3, *shape)
+    for generator in (
+        MaskedConvGenerator(shape, 10, channels=(8, 4)),
+        MaskedMlpGenerator(shape, 10, hidden_sizes=(8, 4)),
+    ):
+        assert generator.generate(3, torch.tensor([0, 5, 9])).shape == (3, *shape)
 
 
 def test_the_trainer_state_restores_a_step():
@@ -370,10 +427,14 @@ def test_bad_generator_settings_are_refused():
         MaskedConvGenerator(SHAPE, 6, variant="b")
     with pytest.raises(ValueError, match="num_classes"):
         MaskedConvGenerator(SHAPE, 0)
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match="hidden sizes"):
         MaskedConvGenerator(SHAPE, 6, channels=(8,))
-    with pytest.raises(ValueError, match="MaskedConvGenerator"):
+    with pytest.raises(ValueError, match="hidden sizes"):
+        MaskedMlpGenerator(SHAPE, 6, hidden_sizes=(8, 0))
+    with pytest.raises(ValueError, match="MaskedGenerator"):
         DGMTrainer(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="generator_architecture"):
+        _dgm("w", generator_architecture="resnet")
     with pytest.raises(ValueError, match="leave model None"):
         DGM(
             input_shape=SHAPE,
@@ -410,7 +471,7 @@ def test_the_generator_and_its_trainer_need_class_labels():
 def test_the_strategy_refuses_a_generator_it_cannot_use():
     with pytest.raises(ValueError, match="input_shape and num_classes"):
         DGM(variant="a", **_solver_kwargs())
-    with pytest.raises(ValueError, match="MaskedConvGenerator"):
+    with pytest.raises(ValueError, match="MaskedGenerator"):
         DGM(generator=ConvGenerator(SHAPE, NOISE, 8, 6), **_solver_kwargs())
     other = DGMTrainer(_generator("a"))
     with pytest.raises(ValueError, match="must train the given generator"):

@@ -6,6 +6,9 @@ from avl_genreplay.generators.dgm import (
     DGMTrainer,
     DiscriminatorSolver,
     MaskedConvGenerator,
+    MaskedGenerator,
+    MaskedMlpGenerator,
+    MlpACDiscriminator,
 )
 from avl_genreplay.generators.diffusion import (
     DDPMTrainer,
@@ -32,8 +35,11 @@ __all__ = [
     "DiffusionGenerator",
     "DDPMTrainer",
     "SmallUNet",
+    "MaskedGenerator",
     "MaskedConvGenerator",
+    "MaskedMlpGenerator",
     "ACDiscriminator",
+    "MlpACDiscriminator",
     "DGMTrainer",
     "DiscriminatorSolver",
     "DataRangeMlpVAE",

@@ -2,17 +2,20 @@
 AC-GAN whose generator learns binary task masks, keeps what past tasks use
 and grows to keep its free capacity.
 
-* :class:`MaskedConvGenerator`: noise and a one-hot label -> dense -> two
-  transposed convolutions (sized from the image shape, as
-  :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`), no batch
-  normalisation (its statistics would be shared across tasks). Each class is
+* :class:`MaskedGenerator`: noise and a one-hot label -> three growable
+  layers, no batch normalisation (its statistics would be shared across
+  tasks): :class:`MaskedConvGenerator` (dense -> two transposed
+  convolutions, sized from the image shape, as
+  :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`) or
+  :class:`MaskedMlpGenerator` (fully connected, cheaper on a CPU). Each class is
   generated with the mask of the task (experience) it was learned in (of one
   of them, drawn at random, for a class met again in a later experience, as
   in domain-incremental streams). In
   variant ``"a"`` (DGM-a) the masks gate the hidden layers' units; in
   variant ``"w"`` (DGM-w) they gate every weight and bias.
-* :class:`ACDiscriminator`: the WGAN-GP critic of
-  :class:`~avl_genreplay.generators.wgan_gp.ConvCritic` with an auxiliary
+* :class:`ACDiscriminator` and :class:`MlpACDiscriminator`: the WGAN-GP
+  critic of :class:`~avl_genreplay.generators.wgan_gp.ConvCritic` or
+  :class:`~avl_genreplay.generators.wgan_gp.MlpCritic` with an auxiliary
   classification head.
 * :class:`DGMTrainer`: the AC-GAN training step with hard attention
   (annealed mask scale, sparsity penalty, blocked gradients of reserved
@@ -31,12 +34,20 @@ from torch import Tensor, nn
 from avl_genreplay.distributed import average_gradients, extreme
 from avl_genreplay.generators.base import GeneratorTrainer, ImageGenerator
 from avl_genreplay.generators.masks import GrowableLayer, TaskMask, annealed_scale
-from avl_genreplay.generators.wgan_gp import ConvCritic, _base_size, gradient_penalty
+from avl_genreplay.generators.wgan_gp import (
+    ConvCritic,
+    MlpCritic,
+    _base_size,
+    gradient_penalty,
+)
 
 __all__ = [
     "VARIANTS",
+    "MaskedGenerator",
     "MaskedConvGenerator",
+    "MaskedMlpGenerator",
     "ACDiscriminator",
+    "MlpACDiscriminator",
     "DGMTrainer",
     "DiscriminatorSolver",
 ]
@@ -44,8 +55,12 @@ __all__ = [
 VARIANTS = ("w", "a")
 
 
-class MaskedConvGenerator(ImageGenerator):
-    """DGM's class-conditional generator with learned binary task masks.
+class MaskedGenerator(ImageGenerator):
+    """DGM's class-conditional generator with learned binary task masks: three
+    growable layers (:class:`~avl_genreplay.generators.masks.GrowableLayer`),
+    ReLU after the two hidden ones, tanh at the output, no batch
+    normalisation (its statistics would be shared across tasks). Subclasses
+    choose the layers (:meth:`_build_layers`).
 
     Task ``t`` is the ``t``-th experience the generator learns; a class
     belongs to the task in which it was first seen (:meth:`assign_classes`)
@@ -61,7 +76,7 @@ class MaskedConvGenerator(ImageGenerator):
     :param num_classes: number of classes (the generator is conditional).
     :param variant: ``"w"`` (masks on weights) or ``"a"`` (masks on units).
     :param noise_dim: size of the noise vector.
-    :param channels: feature maps of the two hidden layers at the start
+    :param hidden: units (feature maps) of the two hidden layers at the start
         (they grow after each task).
     :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
     """
@@ -73,27 +88,20 @@ class MaskedConvGenerator(ImageGenerator):
         *,
         variant: str = "w",
         noise_dim: int = 128,
-        channels: Tuple[int, int] = (64, 32),
+        hidden: Tuple[int, int] = (64, 32),
         data_range: Optional[Tuple[float, float]] = None,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if num_classes is None or num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if len(channels) != 2 or min(channels) < 1:
-            raise ValueError(f"channels must be two positive sizes, got {channels}")
+        if len(hidden) != 2 or min(hidden) < 1:
+            raise ValueError(f"hidden sizes must be two positive sizes, got {hidden}")
         super().__init__(output_shape, noise_dim, num_classes, data_range)
         self.variant = variant
-        base = _base_size(self.output_shape)
-        self.layers = nn.ModuleList(
-            [
-                GrowableLayer("linear", noise_dim + num_classes, channels[0], base),
-                GrowableLayer("conv_transpose", channels[0], channels[1]),
-                GrowableLayer("conv_transpose", channels[1], self.output_shape[0]),
-            ]
-        )
+        self.layers = nn.ModuleList(self._build_layers(tuple(hidden)))
         if variant == "a":
-            self.unit_masks = nn.ModuleList([TaskMask((c,)) for c in channels])
+            self.unit_masks = nn.ModuleList([TaskMask((c,)) for c in hidden])
         else:
             self.weight_masks = nn.ModuleList(
                 [TaskMask(layer.weight.shape) for layer in self.layers]
@@ -110,6 +118,11 @@ class MaskedConvGenerator(ImageGenerator):
         self._keep: List[Tuple[Tensor, Tensor]] = []
         self._free: List[Tensor] = []
         self.growth_log: List[dict] = []
+
+    def _build_layers(self, hidden: Tuple[int, int]) -> List[GrowableLayer]:
+        """The input, hidden and output layers, from the noise and one-hot
+        label to the image."""
+        raise NotImplementedError
 
     # -- tasks and classes -------------------------------------------------
 
@@ -196,6 +209,8 @@ class MaskedConvGenerator(ImageGenerator):
         for index, (layer, (w_mask, b_mask, u_mask)) in enumerate(
             zip(self.layers, self._layer_masks(task))
         ):
+            if layer.kind == "linear":
+                x = x.flatten(1)
             x = layer(x, w_mask, b_mask)
             if index == last:
                 x = torch.tanh(x)
@@ -346,7 +361,106 @@ class MaskedConvGenerator(ImageGenerator):
             self.weight_masks[index + 1].grow(1, n)
 
 
-class ACDiscriminator(ConvCritic):
+class MaskedConvGenerator(MaskedGenerator):
+    """:class:`MaskedGenerator` of a dense layer and two transposed
+    convolutions (sized from the image shape, as
+    :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`).
+
+    :param output_shape: ``(channels, height, width)`` of the data.
+    :param num_classes: number of classes (the generator is conditional).
+    :param variant: ``"w"`` (masks on weights) or ``"a"`` (masks on units).
+    :param noise_dim: size of the noise vector.
+    :param channels: feature maps of the two hidden layers at the start
+        (they grow after each task).
+    :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
+    """
+
+    def __init__(
+        self,
+        output_shape: Sequence[int],
+        num_classes: int,
+        *,
+        variant: str = "w",
+        noise_dim: int = 128,
+        channels: Tuple[int, int] = (64, 32),
+        data_range: Optional[Tuple[float, float]] = None,
+    ):
+        super().__init__(
+            output_shape,
+            num_classes,
+            variant=variant,
+            noise_dim=noise_dim,
+            hidden=channels,
+            data_range=data_range,
+        )
+
+    def _build_layers(self, hidden: Tuple[int, int]) -> List[GrowableLayer]:
+        base = _base_size(self.output_shape)
+        return [
+            GrowableLayer("linear", self.noise_dim + self.num_classes, hidden[0], base),
+            GrowableLayer("conv_transpose", hidden[0], hidden[1]),
+            GrowableLayer("conv_transpose", hidden[1], self.output_shape[0]),
+        ]
+
+
+class MaskedMlpGenerator(MaskedGenerator):
+    """:class:`MaskedGenerator` of three fully connected layers; on a CPU its
+    steps cost a fraction of :class:`MaskedConvGenerator`'s (as
+    :class:`~avl_genreplay.generators.wgan_gp.MlpGenerator` against
+    :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`).
+
+    :param output_shape: ``(channels, height, width)`` of the data.
+    :param num_classes: number of classes (the generator is conditional).
+    :param variant: ``"w"`` (masks on weights) or ``"a"`` (masks on units).
+    :param noise_dim: size of the noise vector.
+    :param hidden_sizes: units of the two hidden layers at the start (they
+        grow after each task).
+    :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
+    """
+
+    def __init__(
+        self,
+        output_shape: Sequence[int],
+        num_classes: int,
+        *,
+        variant: str = "w",
+        noise_dim: int = 128,
+        hidden_sizes: Tuple[int, int] = (400, 400),
+        data_range: Optional[Tuple[float, float]] = None,
+    ):
+        super().__init__(
+            output_shape,
+            num_classes,
+            variant=variant,
+            noise_dim=noise_dim,
+            hidden=hidden_sizes,
+            data_range=data_range,
+        )
+
+    def _build_layers(self, hidden: Tuple[int, int]) -> List[GrowableLayer]:
+        channels, height, width = self.output_shape
+        return [
+            GrowableLayer("linear", self.noise_dim + self.num_classes, hidden[0]),
+            GrowableLayer("linear", hidden[0], hidden[1]),
+            GrowableLayer("linear", hidden[1], channels, (height, width)),
+        ]
+
+
+class _AuxiliaryClassifier:
+    """AC-GAN's auxiliary classification head on a projection critic's
+    features (the critic's ``features``, ``_prepare`` and ``_scored``)."""
+
+    def score_and_logits(
+        self, x: Tensor, condition: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
+        features = self.features(self._prepare(x))
+        return self._scored(features, condition), self.classifier(features)
+
+    def classify(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(self._prepare(x)))
+
+
+class ACDiscriminator(_AuxiliaryClassifier, ConvCritic):
     """AC-GAN discriminator: a WGAN-GP critic (no normalisation) and an
     auxiliary classifier on the same features.
 
@@ -372,14 +486,36 @@ class ACDiscriminator(ConvCritic):
         self.num_classes = num_classes
         self.classifier = nn.Linear(self.score.in_features, num_classes)
 
-    def score_and_logits(
-        self, x: Tensor, condition: Optional[Tensor] = None
-    ) -> Tuple[Tensor, Tensor]:
-        features = self.features(self._prepare(x))
-        return self._scored(features, condition), self.classifier(features)
 
-    def classify(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(self._prepare(x)))
+class MlpACDiscriminator(_AuxiliaryClassifier, MlpCritic):
+    """:class:`ACDiscriminator` of fully connected layers
+    (:class:`~avl_genreplay.generators.wgan_gp.MlpCritic` with an auxiliary
+    classifier), the match of :class:`MaskedMlpGenerator`.
+
+    :param input_shape: ``(channels, height, width)`` of the data.
+    :param num_classes: classes of the auxiliary classifier.
+    :param hidden_size: units of each hidden layer.
+    :param hidden_layers: number of hidden layers.
+    :param projection: also condition the critic's score on the label by
+        projection, beside the auxiliary head.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        hidden_size: int = 400,
+        hidden_layers: int = 2,
+        projection: bool = False,
+    ):
+        super().__init__(
+            input_shape,
+            hidden_size,
+            hidden_layers,
+            num_classes if projection else None,
+        )
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.score.in_features, num_classes)
 
 
 class DiscriminatorSolver(nn.Module):
@@ -419,9 +555,10 @@ class DGMTrainer(GeneratorTrainer):
     ``1 / s_max`` to ``s_max`` over ``anneal_steps`` generator steps; HAT's
     embedding-gradient compensation and clamping apply.
 
-    :param generator: a :class:`MaskedConvGenerator`.
-    :param discriminator: an :class:`ACDiscriminator`; ``None`` for one
-        sized from the generator.
+    :param generator: a :class:`MaskedGenerator`.
+    :param discriminator: an :class:`ACDiscriminator` or
+        :class:`MlpACDiscriminator`; ``None`` for one sized from the
+        generator (fully connected for a :class:`MaskedMlpGenerator`).
     :param lr: Adam's learning rate for the networks.
     :param mask_lr: Adam's learning rate for the mask embeddings (``None``:
         ``lr``).
@@ -439,7 +576,10 @@ class DGMTrainer(GeneratorTrainer):
     :param anneal_steps: generator steps over which the scale is annealed
         (one experience's, usually).
     :param embedding_limit: embeddings are clamped to ``[-limit, limit]``.
-    :param discriminator_channels: channels of the default discriminator.
+    :param discriminator_channels: channels of the default convolutional
+        discriminator.
+    :param discriminator_hidden_size: hidden units of the default fully
+        connected discriminator.
     :param projection: the default discriminator's critic is also
         conditioned on the label by projection.
     """
@@ -453,7 +593,7 @@ class DGMTrainer(GeneratorTrainer):
 
     def __init__(
         self,
-        generator: MaskedConvGenerator,
+        generator: MaskedGenerator,
         discriminator: Optional[ACDiscriminator] = None,
         *,
         lr: float = 2e-3,
@@ -468,10 +608,11 @@ class DGMTrainer(GeneratorTrainer):
         anneal_steps: int = 500,
         embedding_limit: float = 6.0,
         discriminator_channels: int = 32,
+        discriminator_hidden_size: int = 400,
         projection: bool = False,
     ):
-        if not isinstance(generator, MaskedConvGenerator):
-            raise ValueError("DGMTrainer needs a MaskedConvGenerator")
+        if not isinstance(generator, MaskedGenerator):
+            raise ValueError("DGMTrainer needs a MaskedGenerator")
         if critic_steps < 1:
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
         if sparsity < 0:
@@ -485,12 +626,17 @@ class DGMTrainer(GeneratorTrainer):
         if lr <= 0 or (mask_lr is not None and mask_lr <= 0):
             raise ValueError("lr and mask_lr must be > 0")
         self.generator = generator
-        self.discriminator = discriminator or ACDiscriminator(
-            generator.output_shape,
-            generator.num_classes,
-            discriminator_channels,
-            projection=projection,
-        ).to(generator.device)
+        if discriminator is None:
+            shape, classes = generator.output_shape, generator.num_classes
+            if isinstance(generator, MaskedMlpGenerator):
+                discriminator = MlpACDiscriminator(
+                    shape, classes, discriminator_hidden_size, projection=projection
+                )
+            else:
+                discriminator = ACDiscriminator(
+                    shape, classes, discriminator_channels, projection=projection
+                )
+        self.discriminator = discriminator.to(generator.device)
         self.lr = lr
         self.mask_lr = lr if mask_lr is None else mask_lr
         self.betas = betas

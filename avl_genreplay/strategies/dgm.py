@@ -22,12 +22,15 @@ from avl_genreplay.generators.dgm import (
     DGMTrainer,
     DiscriminatorSolver,
     MaskedConvGenerator,
+    MaskedGenerator,
+    MaskedMlpGenerator,
 )
 from avl_genreplay.replay import SolverReplayPlugin
 
 __all__ = ["DGM", "DEFAULT_SPARSITY"]
 
 _SOLVERS = ("model", "discriminator")
+_ARCHITECTURES = ("conv", "mlp")
 
 #: Sparsity weights per variant, tuned on SplitMNIST: the penalty is the mean
 #: soft mask over the free entries, so its pull on each entry shrinks with
@@ -42,7 +45,7 @@ class DGM(SupervisedTemplate):
     """Dynamic Generative Memory: a class-conditional AC-GAN whose generator
     learns binary masks per task, keeps what past tasks use and grows.
 
-    The generator (:class:`~avl_genreplay.generators.dgm.MaskedConvGenerator`)
+    The generator (:class:`~avl_genreplay.generators.dgm.MaskedGenerator`)
     learns each experience as a task, with hard attention: DGM-w
     (``variant="w"``) masks its weights, DGM-a (``variant="a"``) its units.
     Parameters reserved by past tasks' masks take no gradient, so a past
@@ -69,7 +72,7 @@ class DGM(SupervisedTemplate):
     Adam: the mask embeddings learn faster (``mask_lr`` 1e-2), the scale is
     annealed geometrically (see
     :func:`~avl_genreplay.generators.masks.annealed_scale`), and the sparsity
-    weight is :data:`DEFAULT_SPARSITY` (100 for DGM-w, 10 for DGM-a), not the
+    weight is :data:`DEFAULT_SPARSITY` (10 for both variants), not the
     paper's 0.08, which left about half of the free capacity reserved after
     each task and made the generator grow (and slow down) by as much.
 
@@ -81,16 +84,28 @@ class DGM(SupervisedTemplate):
     :param num_classes: classes of the benchmark (the generator's conditions).
     :param variant: ``"w"`` (DGM-w, masks on weights) or ``"a"`` (DGM-a, masks
         on units).
-    :param generator: a :class:`MaskedConvGenerator`; ``None`` to build one.
+    :param generator: a :class:`~avl_genreplay.generators.dgm.MaskedGenerator`;
+        ``None`` to build one of ``generator_architecture``.
     :param generator_trainer: its :class:`DGMTrainer`; ``None`` to build one
         from the settings below.
     :param solver: ``"model"`` or ``"discriminator"``.
     :param solver_lr: Adam's learning rate for the discriminator as a solver
         when no ``optimizer`` is given.
     :param noise_dim: the generator's noise size.
-    :param generator_channels: the generator's hidden feature maps at the
-        start (they grow).
-    :param discriminator_channels: the discriminator's first feature maps.
+    :param generator_architecture: the default generator and discriminator:
+        ``"conv"`` (:class:`~avl_genreplay.generators.dgm.MaskedConvGenerator`
+        of ``generator_channels`` and
+        :class:`~avl_genreplay.generators.dgm.ACDiscriminator` of
+        ``discriminator_channels``) or ``"mlp"``
+        (:class:`~avl_genreplay.generators.dgm.MaskedMlpGenerator` and
+        :class:`~avl_genreplay.generators.dgm.MlpACDiscriminator`, two hidden
+        layers of ``generator_hidden_size`` each; cheaper on a CPU).
+    :param generator_channels: the convolutional generator's hidden feature
+        maps at the start (they grow).
+    :param generator_hidden_size: the fully connected networks' hidden units
+        (the generator's at the start; they grow).
+    :param discriminator_channels: the convolutional discriminator's first
+        feature maps.
     :param projection: condition the critic's score on the label by
         projection too, beside the auxiliary classifier.
     :param generator_iterations: discriminator steps per experience.
@@ -160,12 +175,14 @@ class DGM(SupervisedTemplate):
         input_shape: Optional[Sequence[int]] = None,
         num_classes: Optional[int] = None,
         variant: str = "w",
-        generator: Optional[MaskedConvGenerator] = None,
+        generator: Optional[MaskedGenerator] = None,
         generator_trainer: Optional[DGMTrainer] = None,
         solver: str = "model",
         solver_lr: float = 1e-3,
         noise_dim: int = 128,
+        generator_architecture: str = "conv",
         generator_channels: Tuple[int, int] = (64, 32),
+        generator_hidden_size: int = 400,
         discriminator_channels: int = 32,
         projection: bool = False,
         generator_iterations: int = 1000,
@@ -211,6 +228,11 @@ class DGM(SupervisedTemplate):
             raise ValueError(
                 f"anneal_fraction must lie in (0, 1], got {anneal_fraction}"
             )
+        if generator_architecture not in _ARCHITECTURES:
+            raise ValueError(
+                f"generator_architecture must be one of {list(_ARCHITECTURES)}, "
+                f"got {generator_architecture!r}"
+            )
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
         if sparsity is None:
@@ -222,15 +244,24 @@ class DGM(SupervisedTemplate):
                 raise ValueError(
                     "DGM needs input_shape and num_classes (or a generator)"
                 )
-            generator = MaskedConvGenerator(
-                input_shape,
-                num_classes,
-                variant=variant,
-                noise_dim=noise_dim,
-                channels=generator_channels,
-            )
-        elif not isinstance(generator, MaskedConvGenerator):
-            raise ValueError("DGM's generator must be a MaskedConvGenerator")
+            if generator_architecture == "conv":
+                generator = MaskedConvGenerator(
+                    input_shape,
+                    num_classes,
+                    variant=variant,
+                    noise_dim=noise_dim,
+                    channels=generator_channels,
+                )
+            else:
+                generator = MaskedMlpGenerator(
+                    input_shape,
+                    num_classes,
+                    variant=variant,
+                    noise_dim=noise_dim,
+                    hidden_sizes=(generator_hidden_size, generator_hidden_size),
+                )
+        elif not isinstance(generator, MaskedGenerator):
+            raise ValueError("DGM's generator must be a MaskedGenerator")
         generator.to(device)
         if generator_trainer is None:
             generator_trainer = DGMTrainer(
@@ -247,6 +278,7 @@ class DGM(SupervisedTemplate):
                     round(anneal_fraction * generator_iterations / critic_steps), 1
                 ),
                 discriminator_channels=discriminator_channels,
+                discriminator_hidden_size=generator_hidden_size,
                 projection=projection,
             )
         elif generator_trainer.generator is not generator:
