@@ -37,7 +37,7 @@ def _one_thread():
 def _generator(variant, channels=(8, 4), architecture="conv"):
     if architecture == "mlp":
         return MaskedMlpGenerator(
-            SHAPE, 6, variant=variant, noise_dim=NOISE, hidden_sizes=channels
+            SHAPE, 6, variant=variant, noise_dim=NOISE, hidden=channels
         )
     return MaskedConvGenerator(
         SHAPE, 6, variant=variant, noise_dim=NOISE, channels=channels
@@ -341,7 +341,7 @@ def test_the_discriminator_scores_and_classifies(projection, fully_connected):
 def test_generator_samples_have_the_benchmark_shape(shape):
     for generator in (
         MaskedConvGenerator(shape, 10, channels=(8, 4)),
-        MaskedMlpGenerator(shape, 10, hidden_sizes=(8, 4)),
+        MaskedMlpGenerator(shape, 10, hidden=(8, 4)),
     ):
         assert generator.generate(3, torch.tensor([0, 5, 9])).shape == (3, *shape)
 
@@ -430,7 +430,7 @@ def test_bad_generator_settings_are_refused():
     with pytest.raises(ValueError, match="hidden sizes"):
         MaskedConvGenerator(SHAPE, 6, channels=(8,))
     with pytest.raises(ValueError, match="hidden sizes"):
-        MaskedMlpGenerator(SHAPE, 6, hidden_sizes=(8, 0))
+        MaskedMlpGenerator(SHAPE, 6, hidden=(8, 0))
     with pytest.raises(ValueError, match="MaskedGenerator"):
         DGMTrainer(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="generator_architecture"):

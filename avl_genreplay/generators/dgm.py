@@ -77,9 +77,13 @@ class MaskedGenerator(ImageGenerator):
     :param variant: ``"w"`` (masks on weights) or ``"a"`` (masks on units).
     :param noise_dim: size of the noise vector.
     :param hidden: units (feature maps) of the two hidden layers at the start
-        (they grow after each task).
+        (they grow after each task); ``None`` for the class's
+        :attr:`default_hidden`.
     :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
     """
+
+    #: hidden units (feature maps) at the start when none are given
+    default_hidden: Tuple[int, int] = (64, 32)
 
     def __init__(
         self,
@@ -88,9 +92,10 @@ class MaskedGenerator(ImageGenerator):
         *,
         variant: str = "w",
         noise_dim: int = 128,
-        hidden: Tuple[int, int] = (64, 32),
+        hidden: Optional[Tuple[int, int]] = None,
         data_range: Optional[Tuple[float, float]] = None,
     ):
+        hidden = self.default_hidden if hidden is None else tuple(hidden)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if num_classes is None or num_classes < 1:
@@ -99,7 +104,7 @@ class MaskedGenerator(ImageGenerator):
             raise ValueError(f"hidden sizes must be two positive sizes, got {hidden}")
         super().__init__(output_shape, noise_dim, num_classes, data_range)
         self.variant = variant
-        self.layers = nn.ModuleList(self._build_layers(tuple(hidden)))
+        self.layers = nn.ModuleList(self._build_layers(hidden))
         if variant == "a":
             self.unit_masks = nn.ModuleList([TaskMask((c,)) for c in hidden])
         else:
@@ -404,38 +409,15 @@ class MaskedConvGenerator(MaskedGenerator):
 
 
 class MaskedMlpGenerator(MaskedGenerator):
-    """:class:`MaskedGenerator` of three fully connected layers; on a CPU its
-    steps cost a fraction of :class:`MaskedConvGenerator`'s (as
+    """:class:`MaskedGenerator` of three fully connected layers, two hidden
+    layers of 400 units at the start unless ``hidden`` says otherwise; on a
+    CPU its steps cost a fraction of :class:`MaskedConvGenerator`'s (as
     :class:`~avl_genreplay.generators.wgan_gp.MlpGenerator` against
-    :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`).
-
-    :param output_shape: ``(channels, height, width)`` of the data.
-    :param num_classes: number of classes (the generator is conditional).
-    :param variant: ``"w"`` (masks on weights) or ``"a"`` (masks on units).
-    :param noise_dim: size of the noise vector.
-    :param hidden_sizes: units of the two hidden layers at the start (they
-        grow after each task).
-    :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
+    :class:`~avl_genreplay.generators.wgan_gp.ConvGenerator`). Takes
+    :class:`MaskedGenerator`'s arguments.
     """
 
-    def __init__(
-        self,
-        output_shape: Sequence[int],
-        num_classes: int,
-        *,
-        variant: str = "w",
-        noise_dim: int = 128,
-        hidden_sizes: Tuple[int, int] = (400, 400),
-        data_range: Optional[Tuple[float, float]] = None,
-    ):
-        super().__init__(
-            output_shape,
-            num_classes,
-            variant=variant,
-            noise_dim=noise_dim,
-            hidden=hidden_sizes,
-            data_range=data_range,
-        )
+    default_hidden = (400, 400)
 
     def _build_layers(self, hidden: Tuple[int, int]) -> List[GrowableLayer]:
         channels, height, width = self.output_shape

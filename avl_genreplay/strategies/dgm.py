@@ -259,7 +259,7 @@ class DGM(SupervisedTemplate):
                     num_classes,
                     variant=variant,
                     noise_dim=noise_dim,
-                    hidden_sizes=(generator_hidden_size, generator_hidden_size),
+                    hidden=(generator_hidden_size, generator_hidden_size),
                 )
         elif not isinstance(generator, MaskedGenerator):
             raise ValueError("DGM's generator must be a MaskedGenerator")
