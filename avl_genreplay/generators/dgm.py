@@ -25,7 +25,7 @@ and grows to keep its free capacity.
 """
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -576,7 +576,7 @@ class DGMTrainer(GeneratorTrainer):
     def __init__(
         self,
         generator: MaskedGenerator,
-        discriminator: Optional[ACDiscriminator] = None,
+        discriminator: Optional[Union[ACDiscriminator, MlpACDiscriminator]] = None,
         *,
         lr: float = 2e-3,
         mask_lr: Optional[float] = 0.01,
