@@ -60,6 +60,26 @@ def test_sampling_with_one_seed_is_deterministic(sampler):
     assert not torch.allclose(a, c)
 
 
+def test_the_ddim_sampling_chunk_size_changes_no_image():
+    # sample_mb_size is a speed setting: the pools of a benchmark run must be
+    # the same, up to float rounding, whichever chunk size denoised them
+    # (12 x 12 = 9 x 16 values)
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(num_classes=3).eval()
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 3))
+
+    def guidance(x, y):
+        return F.log_softmax(classifier(x), 1).gather(1, y[:, None]).squeeze(1)
+
+    labels = torch.arange(3).repeat(7)
+    images = []
+    for chunk in (len(labels), 8, 5):
+        generator.sample_mb_size = chunk
+        images.append(generator.sample(len(labels), labels, guidance=guidance, seed=3))
+    assert torch.allclose(images[0], images[1], atol=1e-5)
+    assert torch.allclose(images[0], images[2], atol=1e-5)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_a_perfect_prediction_of_any_type_gives_back_the_noise(prediction_type):
     torch.manual_seed(0)

@@ -165,7 +165,14 @@ class DiffusionGenerator(ImageGenerator):
         (ancestral).
     :param sampling_steps: denoising steps when sampling (re-spaced over
         ``T``).
-    :param sample_mb_size: images denoised at once.
+    :param sample_mb_size: images denoised at once. With the DDIM sampler it
+        sets only the speed (the images are the same up to float rounding;
+        DDGR's MNIST pools came out identical) where an image holds a
+        multiple of 16 values (MNIST's, CIFAR's: torch draws normal noise in
+        blocks of 16, so the chunks' noise is the whole batch's); DDPM draws
+        each step's noise chunk by chunk. On one CPU thread 64 (the default) denoised DDGR's
+        16-channel MNIST UNet about 1.8 times as fast as 256, whose
+        activations no longer fit the cache; a GPU wants more.
     :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
     :param prediction_type: what the UNet predicts: ``"epsilon"`` (the noise,
         DDPM's choice), ``"sample"`` (the clean image) or ``"v_prediction"``
@@ -183,7 +190,7 @@ class DiffusionGenerator(ImageGenerator):
         beta_schedule: str = "squaredcos_cap_v2",
         sampler: str = "ddim",
         sampling_steps: int = 20,
-        sample_mb_size: int = 256,
+        sample_mb_size: int = 64,
         data_range: Optional[Tuple[float, float]] = None,
         prediction_type: str = "epsilon",
     ):

@@ -61,6 +61,9 @@ class DDGR(SupervisedTemplate):
         ``None`` to build one from the settings below.
     :param base_channels: the default UNet's feature maps at full resolution.
     :param sampling_steps: DDIM steps per sample.
+    :param sample_mb_size: images the default diffusion model denoises at once
+        (only the speed depends on it; see
+        :class:`~avl_genreplay.generators.diffusion.DiffusionGenerator`).
     :param generator_iterations: diffusion training steps per experience.
     :param generator_mb_size: the diffusion model's batch size.
     :param generator_lr: its learning rate.
@@ -125,6 +128,7 @@ class DDGR(SupervisedTemplate):
         generator: Optional[DiffusionGenerator] = None,
         base_channels: int = 16,
         sampling_steps: int = 10,
+        sample_mb_size: int = 64,
         generator_iterations: int = 1000,
         generator_mb_size: int = 64,
         generator_lr: float = 2e-3,
@@ -165,6 +169,7 @@ class DDGR(SupervisedTemplate):
                 num_classes,
                 base_channels=base_channels,
                 sampling_steps=sampling_steps,
+                sample_mb_size=sample_mb_size,
                 prediction_type=prediction_type,
             )
         elif not generator.is_conditional:
