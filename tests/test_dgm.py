@@ -240,6 +240,27 @@ def test_the_generator_grows_after_a_task_by_the_amount_reported(variant):
 
 
 @pytest.mark.parametrize("variant", ["w", "a"])
+def test_decoding_without_autograd_gives_the_same_samples(variant):
+    # replay and the critic's fakes decode without autograd through a faster
+    # kernel: the samples must be the very ones decoded with autograd, also
+    # once the generator has grown to channel counts of no particular size
+    torch.manual_seed(0)
+    generator = MaskedConvGenerator((1, 28, 28), 10, variant=variant)
+    trainer = DGMTrainer(generator, anneal_steps=4, critic_steps=1)
+    trainer.start_experience(0)
+    x, y = torch.rand(32, 1, 28, 28), torch.tensor([0, 1]).repeat(16)
+    for _ in range(4):
+        trainer.train_step(x, y)
+    trainer.end_experience(0)
+    assert generator.units != [64, 32]
+    generator.eval()
+    noise, condition = generator.sample_noise(40), torch.tensor([0, 1]).repeat(20)
+    with torch.no_grad():
+        fast = generator.decode(noise, condition)
+    assert torch.equal(fast, generator.decode(noise, condition).detach())
+
+
+@pytest.mark.parametrize("variant", ["w", "a"])
 def test_the_fully_connected_generator_grows_by_the_amount_reported(variant):
     torch.manual_seed(0)
     generator = _generator(variant, channels=(12, 10), architecture="mlp")

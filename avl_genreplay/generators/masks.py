@@ -226,7 +226,14 @@ class GrowableLayer(nn.Module):
             flat = weight.permute(0, 2, 1).reshape(-1, self.in_units)
             out = F.linear(x, flat, bias.reshape(-1))
             return out.view(-1, self.out_units, *self.spatial)
-        return F.conv_transpose2d(x, weight.transpose(0, 1), bias, stride=2, padding=1)
+        weight = weight.transpose(0, 1)
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            # oneDNN's channels-last kernel gives the same values about twice
+            # as fast on a CPU (replay, the critic's fakes); not its
+            # gradients, which would round differently
+            x = x.contiguous(memory_format=torch.channels_last)
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return F.conv_transpose2d(x, weight, bias, stride=2, padding=1)
 
     @torch.no_grad()
     def grow_out(self, n: int) -> None:
