@@ -165,14 +165,14 @@ class DiffusionGenerator(ImageGenerator):
         (ancestral).
     :param sampling_steps: denoising steps when sampling (re-spaced over
         ``T``).
-    :param sample_mb_size: images denoised at once. With the DDIM sampler it
-        sets only the speed (the images are the same up to float rounding;
-        DDGR's MNIST pools came out identical) where an image holds a
-        multiple of 16 values (MNIST's, CIFAR's: torch draws normal noise in
-        blocks of 16, so the chunks' noise is the whole batch's); DDPM draws
-        each step's noise chunk by chunk. On one CPU thread 64 (the default) denoised DDGR's
-        16-channel MNIST UNet about 1.8 times as fast as 256, whose
-        activations no longer fit the cache; a GPU wants more.
+    :param sample_mb_size: images denoised at once, a speed setting: with the
+        DDIM sampler the images are the same for any value, up to float
+        rounding (DDGR's MNIST pools came out identical), where an image
+        holds a multiple of 16 values, as MNIST's and CIFAR's do (torch draws
+        normal noise in blocks of 16); DDPM draws each step's noise chunk by
+        chunk. On one CPU thread 64 (the default) denoised DDGR's 16-channel
+        MNIST UNet about 1.8 times as fast as 256, whose activations no
+        longer fit the cache; a GPU wants more.
     :param data_range: fixed ``(low, high)`` data range, ``None`` to calibrate.
     :param prediction_type: what the UNet predicts: ``"epsilon"`` (the noise,
         DDPM's choice), ``"sample"`` (the clean image) or ``"v_prediction"``
