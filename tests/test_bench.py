@@ -219,6 +219,10 @@ def test_update_merges_runs_by_strategy_and_seed(data_root, tmp_path, capsys):
     assert "--update" not in merged["naive"]["runs"][0]["command"]
     assert merged["lwf"]["runs"][0]["torch_threads"] >= 1
     assert "commit" in merged["lwf"]["runs"][0]
+    # and the machine its rounding came from
+    machine = merged["lwf"]["runs"][0]["machine"]
+    assert machine["torch"] == torch.__version__
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # the header lists every command that wrote into the file, each with its
     # own wall time: the first command's is kept after the updates
     commands = json.loads(path.read_text())["commands"]
@@ -933,3 +937,16 @@ def test_si_penalises_moving_away_from_the_last_experiences_weights(tiny_stream)
     ).item() * (si_lambda / 2)
     assert abs(expected) > 1e-4
     assert probe.penalty == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_run_records_the_settings_that_change_its_kernels(monkeypatch):
+    from avl_genreplay.bench.runner import machine_facts
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    facts = machine_facts()
+    assert facts["kernel_settings"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert facts["cpu"]
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert machine_facts()["kernel_settings"] == {}

@@ -59,6 +59,7 @@ __all__ = [
     "run_planned",
     "run_plan",
     "RunsFailed",
+    "machine_facts",
     "generator_of",
     "replayed_class_counts",
     "replay_sampling",
@@ -516,8 +517,54 @@ def run_planned(
             command=plan.command,
             commit=code_commit(),
             torch_threads=torch.get_num_threads(),
+            machine=machine_facts(),
         )
     return run
+
+
+def machine_facts() -> Dict[str, object]:
+    """What the run's floating-point results depend on besides the code:
+    the CPU, the kernels torch picked for it and torch's version.
+
+    A generative strategy's run is chaotic: one rounding difference early on
+    (another CPU, hence other vectorised or oneDNN kernels) changes every
+    later figure, so a run that does not repeat elsewhere can be told apart
+    from one that changed.
+    """
+    import platform
+
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as info:
+            fields = dict(
+                (key.strip(), value.strip())
+                for key, _, value in (line.partition(":") for line in info)
+                if value
+            )
+        family, model = fields.get("cpu family"), fields.get("model")
+        cpu = fields.get("model name", cpu)
+        if family and model:
+            cpu = f"{cpu} (family {family}, model {model})"
+    except OSError:  # not Linux
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "cuda_device": (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        ),
+        # settings that make torch or oneDNN pick other kernels on this CPU
+        "kernel_settings": {
+            name: os.environ[name]
+            for name in (
+                "ATEN_CPU_CAPABILITY",
+                "ONEDNN_MAX_CPU_ISA",
+                "DNNL_MAX_CPU_ISA",
+            )
+            if os.environ.get(name)
+        },
+    }
 
 
 def code_commit() -> Optional[str]:
