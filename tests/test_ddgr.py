@@ -4,6 +4,7 @@ strategy end to end."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from avalanche.models import SimpleMLP
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
@@ -455,3 +456,37 @@ def test_the_pool_plugin_fills_from_any_conditional_generator(tiny_stream):
 def test_the_pool_plugin_needs_a_conditional_generator():
     with pytest.raises(ValueError, match="class-conditional"):
         ReplayPoolPlugin(_tiny_diffusion(), ReplayPool(SHAPE, 6))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_unet_computes_at_the_chosen_precision(precision):
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(num_classes=3, precision=precision)
+    conv_outputs = []
+    first_conv = next(m for m in generator.unet.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
+    trainer = DDPMTrainer(generator, lr=1e-3)
+    trainer.train_step(torch.rand(8, *SHAPE), torch.arange(8) % 3)
+    images = generator.sample(4, torch.arange(4) % 3, seed=0)
+    labels = torch.tensor([0, 1])
+    raw = generator.predict(torch.randn(2, *SHAPE), torch.tensor([5, 500]), labels)
+    expected = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    assert set(conv_outputs) == {expected}
+    # weights, their gradients and what leaves the model stay in float32
+    assert first_conv.weight.dtype == first_conv.weight.grad.dtype == torch.float32
+    assert raw.dtype == images.dtype == torch.float32
+    assert torch.isfinite(images).all()
+
+
+def test_ddgr_builds_its_diffusion_model_at_the_chosen_precision():
+    model = SimpleMLP(num_classes=3, input_size=144)
+    strategy = DDGR(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters()),
+        input_shape=SHAPE,
+        num_classes=3,
+        precision="bfloat16",
+    )
+    assert strategy.generator.precision == "bfloat16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        _tiny_diffusion(precision="float16")

@@ -47,6 +47,8 @@ GuidanceFunction = Callable[[Tensor, Tensor], Tensor]
 _SAMPLERS = ("ddim", "ddpm")
 _GUIDE_ON = ("x0", "xt")
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
+# the UNet's autocast type per precision (None: plain float32)
+_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -178,6 +180,12 @@ class DiffusionGenerator(ImageGenerator):
         DDPM's choice), ``"sample"`` (the clean image) or ``"v_prediction"``
         (Salimans & Ho, 2022). Samplers and guidance always work on the noise
         estimate derived from it (:meth:`predict_noise`).
+    :param precision: ``"float32"``, or ``"bfloat16"`` to run the UNet under
+        :func:`torch.autocast` (weights, losses and the samplers stay in
+        float32). Pays where the hardware computes in bfloat16 (recent GPUs;
+        CPUs with AVX512-BF16 or AMX); elsewhere it may be slower. The
+        samples change with it (rounding), so runs are comparable only at the
+        same precision.
     """
 
     def __init__(
@@ -193,6 +201,7 @@ class DiffusionGenerator(ImageGenerator):
         sample_mb_size: int = 64,
         data_range: Optional[Tuple[float, float]] = None,
         prediction_type: str = "epsilon",
+        precision: str = "float32",
     ):
         shape = tuple(int(s) for s in output_shape)
         super().__init__(shape, math.prod(shape), num_classes, data_range)
@@ -210,7 +219,12 @@ class DiffusionGenerator(ImageGenerator):
                 f"prediction_type must be one of {_PREDICTIONS}, got "
                 f"{prediction_type!r}"
             )
+        if precision not in _PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {tuple(_PRECISIONS)}, got {precision!r}"
+            )
         self.prediction_type = prediction_type
+        self.precision = precision
         self.unet = SmallUNet(shape[0], base_channels, num_classes)
         self.train_timesteps = train_timesteps
         self.beta_schedule = beta_schedule
@@ -240,7 +254,14 @@ class DiffusionGenerator(ImageGenerator):
     ) -> Tensor:
         """The UNet's raw output for ``noisy`` (unit range) at ``t``: noise,
         clean image or velocity, by ``prediction_type``."""
-        return self.unet(noisy, t, condition if self.is_conditional else None)
+        condition = condition if self.is_conditional else None
+        dtype = _PRECISIONS[self.precision]
+        if dtype is None:
+            return self.unet(noisy, t, condition)
+        with torch.autocast(self.device.type, dtype=dtype):
+            output = self.unet(noisy, t, condition)
+        # losses, samplers and guidance in float32
+        return output.float()
 
     def alpha_bar(self, t: Tensor, like: Optional[Tensor] = None) -> Tensor:
         """``alpha_bar_t`` per sample; shaped (and typed) to broadcast over

@@ -64,6 +64,9 @@ class DDGR(SupervisedTemplate):
     :param sample_mb_size: images the default diffusion model denoises at once
         (only the speed depends on it; see
         :class:`~avl_genreplay.generators.diffusion.DiffusionGenerator`).
+    :param precision: the default UNet's arithmetic, ``"float32"`` or
+        ``"bfloat16"`` (autocast; faster where the hardware has it, see
+        :class:`~avl_genreplay.generators.diffusion.DiffusionGenerator`).
     :param generator_iterations: diffusion training steps per experience.
     :param generator_mb_size: the diffusion model's batch size.
     :param generator_lr: its learning rate.
@@ -129,6 +132,7 @@ class DDGR(SupervisedTemplate):
         base_channels: int = 16,
         sampling_steps: int = 10,
         sample_mb_size: int = 64,
+        precision: str = "float32",
         generator_iterations: int = 1000,
         generator_mb_size: int = 64,
         generator_lr: float = 2e-3,
@@ -171,6 +175,7 @@ class DDGR(SupervisedTemplate):
                 sampling_steps=sampling_steps,
                 sample_mb_size=sample_mb_size,
                 prediction_type=prediction_type,
+                precision=precision,
             )
         elif not generator.is_conditional:
             raise ValueError("DDGR needs a class-conditional diffusion model")
