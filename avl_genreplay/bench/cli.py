@@ -148,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensorboard", action="store_true", help="also log to TensorBoard (OUTPUT/tb)"
     )
     bench.add_argument(
-        "--no-images", action="store_true", help="skip images of replayed samples"
+        "--no-images",
+        action="store_true",
+        help="skip images of replayed samples (they draw from the run's random "
+        "numbers, so a run without them goes another way than one with them: "
+        "compare runs made alike)",
     )
     bench.add_argument(
         "--no-replay-quality",
