@@ -36,7 +36,7 @@ import torch
 from avl_genreplay.bench import data
 from avl_genreplay.bench.config import load_config
 from avl_genreplay.bench.plan import read_protocol
-from avl_genreplay.bench.runner import RunSpec, run_strategy
+from avl_genreplay.bench.runner import RunSpec, machine_facts, run_strategy
 from avl_genreplay.devices import check_device
 
 __all__ = ["main", "run_one", "profile_breakdown"]
@@ -253,6 +253,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{args.train_subset or 'all'}, device {device}, "
         f"{torch.get_num_threads()} torch thread(s)"
     )
+    # ratios compare only within one machine's kernels
+    machine = machine_facts()
+    print(
+        f"machine: {machine['cpu']}, {machine['cpu_capability']}, "
+        f"torch {machine['torch']}"
+        + (f", {machine['cuda_device']}" if machine["cuda_device"] else "")
+    )
     print(
         f"{'strategy':<10} {'wall s':>8} {'x joint':>8} {'CPU s':>8} "
         f"{'x joint':>8} {'accuracy':>9}"
@@ -260,6 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for row in rows:
         row["ratio_to_joint"] = row["wall_seconds"] / joint
         row["cpu_ratio_to_joint"] = row["cpu_seconds"] / joint_cpu
+        row["machine"] = machine
         print(
             f"{row['strategy']:<10} {row['wall_seconds']:8.1f} "
             f"{row['ratio_to_joint']:8.2f} {row['cpu_seconds']:8.1f} "
