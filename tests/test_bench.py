@@ -903,6 +903,41 @@ def test_a_bench_killed_in_a_run_resumes_to_the_same_figures(data_root, tmp_path
     assert json.loads((cut / name).read_text())["complete"] is True
 
 
+def test_a_bench_killed_leaves_none_of_its_workers_running(data_root, tmp_path):
+    import signal
+
+    import psutil
+
+    config = _tiny_config(tmp_path)
+    # runs far longer than the test waits for them to end
+    config.write_text(config.read_text().replace("= 10\n", "= 100000\n"))
+    command = [sys.executable, "-m", "avl_genreplay", "bench"]
+    command += ["--data-root", str(data_root), "--threads", "1", "--jobs", "2"]
+    command += ["--config", str(config), "--no-images", "--no-replay-quality"]
+    command += ["--strategies", "dgr", "--seeds", "0", "1", "--train-subset", "60"]
+    started = subprocess.Popen(
+        [*command, "--output", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    workers = []
+    try:
+        for line in started.stdout:
+            if line.startswith("== dgr, seed"):  # a worker is training
+                workers = psutil.Process(started.pid).children(recursive=True)
+                started.send_signal(signal.SIGKILL)
+                break
+        assert started.wait(timeout=300) == -signal.SIGKILL
+        assert len(workers) >= 2
+        _, running = psutil.wait_procs(workers, timeout=30)
+        assert running == []
+    finally:
+        for process in workers:
+            if process.is_running():
+                process.kill()
+
+
 def test_si_penalises_moving_away_from_the_last_experiences_weights(tiny_stream):
     """The harness's SI keeps copies of the weights: while it trains the
     second experience, its penalty is lambda/2 * sum(importance * (weights -

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="independent (strategy, seed) runs at a time, each in a process "
-        "of its own; the results are those of a serial run",
+        "of its own that ends with the bench; the results are those of a "
+        "serial run",
     )
     bench.add_argument(
         "--nproc",

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -614,9 +615,30 @@ def _described(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _end_with_parent() -> None:
+    """Ends this process as soon as the process that started it ends.
+
+    A signal that reaches only the bench's own process (``kill``, a
+    scheduler's time limit, an out-of-memory kill) would otherwise leave its
+    workers training: on the cores a restarted bench needs, writing the same
+    resume files as the runs it resumes, with results nobody collects. A run
+    saves its progress after each experience through temporary files, so
+    ending it at any moment loses only the experience in progress."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def end_when_parent_ends():
+        parent.join()  # returns when the parent's sentinel closes
+        os._exit(1)
+
+    threading.Thread(target=end_when_parent_ends, daemon=True).start()
+
+
 def _run_in_worker(plan: Plan, name: str, seed: int, resume_paths, reference) -> dict:
     """A run in a process of its own (``--jobs``): one torch thread unless
-    the plan sets ``threads``."""
+    the plan sets ``threads``; the process ends with the bench's."""
+    _end_with_parent()
     torch.set_num_threads(plan.threads or 1)
     return run_planned(plan, name, seed, resume_paths, False, reference)
 
