@@ -903,7 +903,10 @@ def test_a_bench_killed_in_a_run_resumes_to_the_same_figures(data_root, tmp_path
     assert json.loads((cut / name).read_text())["complete"] is True
 
 
-def test_a_bench_killed_leaves_none_of_its_workers_running(data_root, tmp_path):
+@pytest.mark.parametrize("processes", [["--jobs", "2"], ["--nproc", "2"]])
+def test_a_bench_killed_leaves_none_of_its_workers_running(
+    data_root, tmp_path, processes
+):
     import signal
 
     import psutil
@@ -912,7 +915,7 @@ def test_a_bench_killed_leaves_none_of_its_workers_running(data_root, tmp_path):
     # runs far longer than the test waits for them to end
     config.write_text(config.read_text().replace("= 10\n", "= 100000\n"))
     command = [sys.executable, "-m", "avl_genreplay", "bench"]
-    command += ["--data-root", str(data_root), "--threads", "1", "--jobs", "2"]
+    command += ["--data-root", str(data_root), "--threads", "1", *processes]
     command += ["--config", str(config), "--no-images", "--no-replay-quality"]
     command += ["--strategies", "dgr", "--seeds", "0", "1", "--train-subset", "60"]
     started = subprocess.Popen(
@@ -924,7 +927,7 @@ def test_a_bench_killed_leaves_none_of_its_workers_running(data_root, tmp_path):
     workers = []
     try:
         for line in started.stdout:
-            if line.startswith("== dgr, seed"):  # a worker is training
+            if ": experience 1/" in line:  # the workers are training
                 workers = psutil.Process(started.pid).children(recursive=True)
                 started.send_signal(signal.SIGKILL)
                 break

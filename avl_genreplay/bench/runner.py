@@ -648,7 +648,7 @@ def _run_in_rank(
 ) -> Optional[dict]:
     """One rank of a run on ``plan.nproc`` processes (``--nproc``): one torch
     thread unless the plan sets ``threads``; rank 0's record, ``None`` from
-    the others."""
+    the others (torchrun's launcher ends the ranks with the bench)."""
     torch.set_num_threads(plan.threads or 1)
     main = DistributedHelper.is_main_process
     run = run_planned(plan, name, seed, resume_paths, main, reference)
