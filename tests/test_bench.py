@@ -634,6 +634,30 @@ def test_splitfmnist_loads_offline_in_a_fixed_class_order(data_root):
     assert x.shape == (1, 28, 28) and int(y) in (4, 5)
 
 
+@pytest.mark.parametrize("name", ["splitmnist", "splitfmnist"])
+def test_preloaded_split_benchmarks_hold_avalanches_samples(data_root, name):
+    folder = data.BENCHMARKS[name].folder
+    if not (data_root / folder).is_dir():
+        pytest.skip(f"real {folder} not found under {data_root}")
+    options = dict(scenario="task", data_root=data_root, seed=3)
+    per_sample = data.make_benchmark(name, preload=False, **options)
+    preloaded = data.make_benchmark(name, **options)
+    for stream in ("train_stream", "test_stream"):
+        experiences = zip(getattr(per_sample, stream), getattr(preloaded, stream))
+        for avalanches, ours in experiences:
+            assert ours.classes_in_this_experience == (
+                avalanches.classes_in_this_experience
+            )
+            assert len(ours.dataset) == len(avalanches.dataset)
+            # every sample of one experience a stream, a few of the others
+            step = 1 if ours.current_experience == 1 else 997
+            for index in range(0, len(ours.dataset), step):
+                x, y, task = ours.dataset[index]
+                expected_x, expected_y, expected_task = avalanches.dataset[index]
+                assert torch.equal(x, expected_x)
+                assert (int(y), task) == (int(expected_y), expected_task)
+
+
 def test_splitcifar100_gets_the_half_first_experience_option(monkeypatch):
     # CIFAR-100 cannot be downloaded here: check what Avalanche is asked for
     from avalanche.benchmarks import classic

@@ -151,6 +151,7 @@ def make_benchmark(
     data_root: Optional[Path] = None,
     seed: int = 0,
     first_experience_half: bool = False,
+    preload: bool = True,
 ):
     """Builds one of Avalanche's Split* benchmarks with a fixed class order,
     or its PermutedMNIST (one random permutation of the pixels per
@@ -162,6 +163,9 @@ def make_benchmark(
     :param first_experience_half: SplitCIFAR100 only: the first experience
         holds half the classes (the DDGR paper's protocol: 50, then 5 or 10
         per experience), the rest split over the other experiences.
+    :param preload: SplitMNIST and SplitFMNIST only: their images are
+        transformed once, as whole tensors, rather than one by one whenever
+        they are read (the same values; see :func:`_preloaded_split`).
     """
     from avalanche.benchmarks.classic import (
         PermutedMNIST,
@@ -193,11 +197,54 @@ def make_benchmark(
         dataset_root=data_root,
         return_task_id=scenario == "task",
     )
+    if name in ("splitmnist", "splitfmnist") and preload:
+        return _preloaded_split(spec, **kwargs)
     if name == "splitmnist":
         return SplitMNIST(**kwargs)
     if name == "splitfmnist":
         return SplitFMNIST(**kwargs)
     return SplitCIFAR100(first_exp_with_half_classes=first_experience_half, **kwargs)
+
+
+def _preloaded_split(spec: BenchmarkSpec, *, dataset_root, return_task_id, **kwargs):
+    """SplitMNIST or SplitFMNIST as Avalanche builds them, from images passed
+    through the benchmark's transforms (``ToTensor``, ``Normalize``) once, as
+    whole tensors: the same samples in the same experiences and order, without
+    the per-sample transforms at every epoch and evaluation (most of Joint's
+    time). Their transforms draw no random numbers, so nothing else changes."""
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.benchmarks.datasets.external_datasets.fmnist import (
+        get_fmnist_dataset,
+    )
+    from avalanche.benchmarks.datasets.external_datasets.mnist import (
+        get_mnist_dataset,
+    )
+
+    load = get_mnist_dataset if spec.name == "splitmnist" else get_fmnist_dataset
+    train, test = (_normalised_tensors(dataset, spec) for dataset in load(dataset_root))
+    return nc_benchmark(
+        train,
+        test,
+        task_labels=return_task_id,
+        train_transform=None,
+        eval_transform=None,
+        **kwargs,
+    )
+
+
+def _normalised_tensors(dataset, spec: BenchmarkSpec):
+    """A torchvision MNIST-like dataset's images as ``ToTensor`` and
+    ``Normalize`` give them, one float tensor for all, with its labels."""
+    from torch.utils.data import TensorDataset
+
+    images = dataset.data.unsqueeze(1).to(torch.float32).div(255)
+    mean, std = (
+        torch.as_tensor(values, dtype=torch.float32).view(-1, 1, 1)
+        for values in spec.normalization
+    )
+    normalised = TensorDataset(images.sub(mean).div(std), dataset.targets)
+    normalised.targets = dataset.targets
+    return normalised
 
 
 def synthetic_benchmark(
