@@ -913,6 +913,7 @@ def test_a_bench_killed_in_a_run_resumes_to_the_same_figures(data_root, tmp_path
     name = "splitmnist_class_il.json"
     # naive had finished: it is in the file, and dgr left its state
     assert set(_matrices(cut / name)) == {("naive", 0)}
+    assert list((cut / ".resume").rglob("dgr_seed0.*"))
     resumed = subprocess.run(
         [*command, "--output", str(cut), "--resume"],
         capture_output=True,
@@ -925,6 +926,9 @@ def test_a_bench_killed_in_a_run_resumes_to_the_same_figures(data_root, tmp_path
     assert "== dgr, seed 0: experience 1/5" not in resumed.stdout
     assert _matrices(cut / name) == _matrices(whole / name)
     assert json.loads((cut / name).read_text())["complete"] is True
+    # a finished comparison leaves no resume state, not even empty folders
+    assert not (whole / ".resume").exists()
+    assert not (cut / ".resume").exists()
 
 
 @pytest.mark.parametrize("processes", [["--jobs", "2"], ["--nproc", "2"]])

@@ -277,9 +277,15 @@ def _save_progress(
     checkpoint, rows = paths
     main = DistributedHelper.is_main_process
     if main:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         temporary = rows.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps({"accuracy_matrix": matrix, "wall": wall}))
+        text = json.dumps({"accuracy_matrix": matrix, "wall": wall})
+        try:
+            temporary.write_text(text)
+        except FileNotFoundError:
+            # the first save, or another command finishing has just removed
+            # the emptied folder (ResultsStore.finish)
+            rows.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(text)
         os.replace(temporary, rows)
     temporary = checkpoint.with_suffix(".ckpt.tmp")
     save_checkpoint(strategy, temporary)  # every rank, for its barrier

@@ -175,8 +175,17 @@ class ResultsStore:
         return self._write(complete=False)
 
     def finish(self) -> Dict[str, dict]:
-        """Marks the comparison complete; returns the summary."""
-        return self._write(complete=True)
+        """Marks the comparison complete and removes its emptied resume
+        folders; returns the summary."""
+        summary = self._write(complete=True)
+        # a run's files go when it ends; the folders go once nothing is left
+        # in them (another command's runs may still keep theirs there)
+        for folder in (self._resume_folder, self._resume_folder.parent):
+            try:
+                folder.rmdir()
+            except OSError:  # absent, or still holding a run's state
+                break
+        return summary
 
     def _write(self, complete: bool) -> Dict[str, dict]:
         with self._locked():
