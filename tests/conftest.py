@@ -30,7 +30,9 @@ def _torch_threads():
 def data_root() -> Path:
     """The folder holding MNIST and Fashion-MNIST; tests on real data skip
     (with the reason shown by ``-rs``) where it is absent."""
-    root = Path(os.environ.get(DATA_ROOT_ENV) or _DEFAULT_ROOT)
+    # absolute: a relative $AVL_GENREPLAY_DATA (the READMEs' ../shared/data)
+    # must still hold in tests that change the working directory
+    root = Path(os.environ.get(DATA_ROOT_ENV) or _DEFAULT_ROOT).resolve()
     if not (root / "MNIST").is_dir():
         pytest.skip(f"real MNIST not found under {root}; set {DATA_ROOT_ENV}")
     return root
