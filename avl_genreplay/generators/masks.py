@@ -215,17 +215,34 @@ class GrowableLayer(nn.Module):
         x: Tensor,
         weight_mask: Optional[Tensor] = None,
         bias_mask: Optional[Tensor] = None,
+        *,
+        in_index: Optional[Tensor] = None,
+        out_index: Optional[Tensor] = None,
     ) -> Tensor:
+        """The layer's output for ``x``.
+
+        :param x: the input, ``(batch, in_units, ...)`` or, with ``in_index``,
+            only those input units.
+        :param weight_mask: multiplies the weights (``None``: all ones).
+        :param bias_mask: multiplies the biases (``None``: all ones).
+        :param in_index: the input units ``x`` holds; the others are taken
+            to be zero (``None``: all of them).
+        :param out_index: the output units to compute (``None``: all).
+        """
         weight, bias = self.weight, self.bias
         if weight_mask is not None:
             weight = weight * weight_mask
         if bias_mask is not None:
             bias = bias * bias_mask
+        if in_index is not None:
+            weight = weight[:, in_index]
+        if out_index is not None:
+            weight, bias = weight[out_index], bias[out_index]
         if self.kind == "linear":
             # (out, in, hw) -> (out * hw, in), the features in (out, h, w) order
-            flat = weight.permute(0, 2, 1).reshape(-1, self.in_units)
+            flat = weight.permute(0, 2, 1).reshape(-1, weight.shape[1])
             out = F.linear(x, flat, bias.reshape(-1))
-            return out.view(-1, self.out_units, *self.spatial)
+            return out.view(-1, weight.shape[0], *self.spatial)
         weight = weight.transpose(0, 1)
         if x.device.type == "cpu" and not torch.is_grad_enabled():
             # oneDNN's channels-last kernel gives the same values about twice
