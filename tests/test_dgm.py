@@ -260,27 +260,37 @@ def test_decoding_without_autograd_gives_the_same_samples(variant):
     assert torch.equal(fast, generator.decode(noise, condition).detach())
 
 
-def test_dgm_a_decodes_past_tasks_through_their_units_only_to_the_same_samples():
-    # without autograd, DGM-a decodes a task with a binary mask through the
-    # units it keeps only; the samples must be the very ones of the masked
-    # pass through every unit, for batches of every size (the dense layer
-    # rounds differently for one to three samples), and a task that keeps no
-    # unit of a layer must still decode (oneDNN refuses empty channels)
+@pytest.mark.parametrize("variant", ["w", "a"])
+def test_past_tasks_decode_through_the_units_they_keep_to_the_same_samples(variant):
+    # without autograd, a task with binary masks decodes through the units
+    # they keep only (DGM-a's kept units; under DGM-w, units with a weight or
+    # bias left, which leaves out those grown after the task); the samples
+    # must be the very ones of the masked pass through every unit, for
+    # batches of every size (the dense layer rounds differently for one to
+    # three samples), and a task that keeps no unit of a layer must still
+    # decode (oneDNN refuses empty channels)
     torch.manual_seed(0)
-    generator = MaskedConvGenerator((1, 28, 28), 10, variant="a", channels=(70, 45))
-    keep = [(0.15, 0.25), (0.5, 0.1), (0.3, 0.0)]
-    for task, shares in enumerate(keep):
-        for mask, share in zip(generator.unit_masks, shares):
-            units = mask.shape[0]
-            mask.embedding.data = -torch.ones(units)
-            mask.embedding.data[torch.randperm(units)[: int(share * units)]] = 1.0
+    generator = MaskedConvGenerator((1, 28, 28), 10, variant=variant, channels=(24, 12))
+    # per task, the shares of the hidden layers' units (DGM-a) or weights
+    # (DGM-w) kept, and DGM-w's share of biases kept where not the same
+    keep = [(0.15, 0.25, None), (0.5, 0.1, None), (0.3, 0.0, None)]
+    if variant == "w":
+        keep.append((0.2, 0.002, 1.0))  # many units kept by their bias alone
+    for task, (first, second, bias) in enumerate(keep):
         generator.assign_classes(torch.tensor([2 * task, 2 * task + 1]))
-        for mask in generator.unit_masks:
-            mask.commit()
+        shares = (first, second)
+        if variant == "w":  # the output layer whole
+            biases = (first, second) if bias is None else (bias, bias)
+            shares = (first, second, 1.0, *biases, 1.0)
+        for mask, share in zip(generator.masks(), shares):
+            kept = torch.rand(mask.shape) < share
+            mask.embedding.data = torch.where(kept, 1.0, -1.0)
+        generator.end_task()
+    assert generator.units[0] > 24  # grown: units past tasks do not use
     generator.eval()
     for n in (1, 2, 3, 64, 150):
         noise = generator.sample_noise(n)
-        condition = torch.arange(6).repeat(n)[:n]
+        condition = torch.arange(2 * len(keep)).repeat(n)[:n]
         with torch.no_grad():
             fast = generator.decode(noise, condition)
         assert torch.equal(fast, generator.decode(noise, condition).detach())

@@ -417,28 +417,43 @@ class MaskedConvGenerator(MaskedGenerator):
 
     def _decode_task(self, noise: Tensor, condition: Tensor, task: int) -> Tensor:
         binary = task < self.num_tasks or not self.training
-        if self.variant == "a" and binary and not torch.is_grad_enabled():
-            active = [m.mask(task).nonzero().squeeze(1) for m in self.unit_masks]
+        if binary and not torch.is_grad_enabled():
+            masks = self._layer_masks(task)
+            kept = self._kept_units(masks)
             # oneDNN refuses a convolution without channels
-            if all(len(units) for units in active):
-                return self._decode_units(noise, condition, active)
+            if all(len(units) for units in kept):
+                return self._decode_units(noise, condition, masks, kept)
         return super()._decode_task(noise, condition, task)
 
+    def _kept_units(self, masks: list) -> List[Tensor]:
+        """The units of each hidden layer that binary masks keep: DGM-a's unit
+        masks; under DGM-w's, the units with a weight or bias left (the
+        others are zeros, e.g. every unit grown after the task)."""
+        if self.variant == "a":
+            return [u_mask.nonzero().squeeze(1) for _, _, u_mask in masks[:-1]]
+        kept = []
+        for w_mask, b_mask, _ in masks[:-1]:
+            units = w_mask.flatten(1).any(1) | b_mask.reshape(len(b_mask), -1).any(1)
+            kept.append(units.nonzero().squeeze(1))
+        return kept
+
     def _decode_units(
-        self, noise: Tensor, condition: Tensor, active: List[Tensor]
+        self, noise: Tensor, condition: Tensor, masks: list, kept: List[Tensor]
     ) -> Tensor:
-        """Decodes under a binary unit mask (DGM-a, no autograd) through the
-        units it keeps only: the units it drops are zeros, which add nothing
-        to the next layer, and a task keeps few units, so its replay costs a
-        fraction of a pass through every unit. The values are the same to
-        the bit on a CPU: the transposed convolutions give the kept channels
-        the same values without the zero ones; the dense layer computes
-        every unit, since its rounding depends on how many it computes for
-        batches of one to three samples."""
+        """Decodes under binary masks (no autograd) through the units they
+        keep only: the units they drop are zeros, which add nothing to the
+        next layer, and a past task keeps few of a grown generator's units
+        (DGM-a's masks keep few of any), so its replay costs a fraction of a
+        pass through every unit. The values are the same to the bit on a
+        CPU: the transposed convolutions give the kept channels the same
+        values without the zero ones; the dense layer computes every unit,
+        since its rounding depends on how many it computes for batches of one
+        to three samples."""
         dense, hidden, output = self.layers
-        x = F.relu(dense(self._input(noise, condition)))[:, active[0]]
-        x = F.relu(hidden(x, in_index=active[0], out_index=active[1]))
-        return self._crop(torch.tanh(output(x, in_index=active[1])))
+        (w0, b0, _), (w1, b1, _), (w2, b2, _) = masks
+        x = F.relu(dense(self._input(noise, condition), w0, b0))[:, kept[0]]
+        x = F.relu(hidden(x, w1, b1, in_index=kept[0], out_index=kept[1]))
+        return self._crop(torch.tanh(output(x, w2, b2, in_index=kept[1])))
 
 
 class MaskedMlpGenerator(MaskedGenerator):
