@@ -478,6 +478,27 @@ def test_the_unet_computes_at_the_chosen_precision(precision):
     assert torch.isfinite(images).all()
 
 
+def test_the_unet_can_train_in_bfloat16_and_sample_in_float32():
+    torch.manual_seed(0)
+    generator = _tiny_diffusion(
+        num_classes=3, precision="bfloat16", sampling_precision="float32"
+    )
+    conv_outputs = []
+    first_conv = next(m for m in generator.unet.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
+    DDPMTrainer(generator, lr=1e-3).train_step(
+        torch.rand(8, *SHAPE), torch.arange(8) % 3
+    )
+    assert set(conv_outputs) == {torch.bfloat16}
+    conv_outputs.clear()
+    images = generator.sample(4, torch.arange(4) % 3, seed=0)
+    assert set(conv_outputs) == {torch.float32}
+    # the very samples of a float32 model with the same weights
+    plain = _tiny_diffusion(num_classes=3)
+    plain.load_state_dict(generator.state_dict())
+    assert torch.equal(images, plain.sample(4, torch.arange(4) % 3, seed=0))
+
+
 def test_ddgr_builds_its_diffusion_model_at_the_chosen_precision():
     model = SimpleMLP(num_classes=3, input_size=144)
     strategy = DDGR(
@@ -486,7 +507,11 @@ def test_ddgr_builds_its_diffusion_model_at_the_chosen_precision():
         input_shape=SHAPE,
         num_classes=3,
         precision="bfloat16",
+        sampling_precision="float32",
     )
     assert strategy.generator.precision == "bfloat16"
+    assert strategy.generator.sampling_precision == "float32"
     with pytest.raises(ValueError, match="precision must be one of"):
         _tiny_diffusion(precision="float16")
+    with pytest.raises(ValueError, match="sampling_precision must be None or one of"):
+        _tiny_diffusion(sampling_precision="float16")

@@ -186,6 +186,12 @@ class DiffusionGenerator(ImageGenerator):
         CPUs with AVX512-BF16 or AMX); elsewhere it may be slower. The
         samples change with it (rounding), so runs are comparable only at the
         same precision.
+    :param sampling_precision: the UNet's arithmetic while sampling
+        (:meth:`sample`, :meth:`generate`), as ``precision``; ``None`` for
+        ``precision``. ``precision="bfloat16"`` with ``sampling_precision=
+        "float32"`` trains in bfloat16 and samples in float32 (on SplitMNIST,
+        DDGR kept its accuracy so, and lost about a third of a point sampling
+        in bfloat16 too: benchmarks/README.md).
     """
 
     def __init__(
@@ -202,6 +208,7 @@ class DiffusionGenerator(ImageGenerator):
         data_range: Optional[Tuple[float, float]] = None,
         prediction_type: str = "epsilon",
         precision: str = "float32",
+        sampling_precision: Optional[str] = None,
     ):
         shape = tuple(int(s) for s in output_shape)
         super().__init__(shape, math.prod(shape), num_classes, data_range)
@@ -223,8 +230,14 @@ class DiffusionGenerator(ImageGenerator):
             raise ValueError(
                 f"precision must be one of {tuple(_PRECISIONS)}, got {precision!r}"
             )
+        if sampling_precision is not None and sampling_precision not in _PRECISIONS:
+            raise ValueError(
+                f"sampling_precision must be None or one of {tuple(_PRECISIONS)}, "
+                f"got {sampling_precision!r}"
+            )
         self.prediction_type = prediction_type
         self.precision = precision
+        self.sampling_precision = sampling_precision
         self.unet = SmallUNet(shape[0], base_channels, num_classes)
         self.train_timesteps = train_timesteps
         self.beta_schedule = beta_schedule
@@ -250,12 +263,18 @@ class DiffusionGenerator(ImageGenerator):
         return torch.randn(batch_size, *self.output_shape, device=self.device)
 
     def predict(
-        self, noisy: Tensor, t: Tensor, condition: Optional[Tensor] = None
+        self,
+        noisy: Tensor,
+        t: Tensor,
+        condition: Optional[Tensor] = None,
+        *,
+        precision: Optional[str] = None,
     ) -> Tensor:
         """The UNet's raw output for ``noisy`` (unit range) at ``t``: noise,
-        clean image or velocity, by ``prediction_type``."""
+        clean image or velocity, by ``prediction_type``; at ``precision``
+        (``None``: the generator's)."""
         condition = condition if self.is_conditional else None
-        dtype = _PRECISIONS[self.precision]
+        dtype = _PRECISIONS[precision or self.precision]
         if dtype is None:
             return self.unet(noisy, t, condition)
         with torch.autocast(self.device.type, dtype=dtype):
@@ -272,11 +291,17 @@ class DiffusionGenerator(ImageGenerator):
         return alphas.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
     def predict_noise(
-        self, noisy: Tensor, t: Tensor, condition: Optional[Tensor] = None
+        self,
+        noisy: Tensor,
+        t: Tensor,
+        condition: Optional[Tensor] = None,
+        *,
+        precision: Optional[str] = None,
     ) -> Tensor:
         """The model's estimate of the noise in ``noisy`` (unit range) at
-        ``t``, whatever the UNet predicts."""
-        output = self.predict(noisy, t, condition)
+        ``t``, whatever the UNet predicts (at ``precision``, as
+        :meth:`predict`)."""
+        output = self.predict(noisy, t, condition, precision=precision)
         if self.prediction_type == "epsilon":
             return output
         alpha_bar = self.alpha_bar(t, noisy)
@@ -373,7 +398,9 @@ class DiffusionGenerator(ImageGenerator):
         for t in scheduler.timesteps:
             steps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
             with torch.no_grad():
-                eps = self.predict_noise(x, steps, condition)
+                eps = self.predict_noise(
+                    x, steps, condition, precision=self.sampling_precision
+                )
             if guided:
                 grad = self._guidance_gradient(
                     x, eps, alphas[t], condition, guidance, guide_on

@@ -67,6 +67,8 @@ class DDGR(SupervisedTemplate):
     :param precision: the default UNet's arithmetic, ``"float32"`` or
         ``"bfloat16"`` (autocast; faster where the hardware has it, see
         :class:`~avl_genreplay.generators.diffusion.DiffusionGenerator`).
+    :param sampling_precision: the default UNet's arithmetic while it
+        samples the pools, as ``precision``; ``None`` for ``precision``.
     :param generator_iterations: diffusion training steps per experience.
     :param generator_mb_size: the diffusion model's batch size.
     :param generator_lr: its learning rate.
@@ -133,6 +135,7 @@ class DDGR(SupervisedTemplate):
         sampling_steps: int = 10,
         sample_mb_size: int = 64,
         precision: str = "float32",
+        sampling_precision: Optional[str] = None,
         generator_iterations: int = 1000,
         generator_mb_size: int = 64,
         generator_lr: float = 2e-3,
@@ -176,6 +179,7 @@ class DDGR(SupervisedTemplate):
                 sample_mb_size=sample_mb_size,
                 prediction_type=prediction_type,
                 precision=precision,
+                sampling_precision=sampling_precision,
             )
         elif not generator.is_conditional:
             raise ValueError("DDGR needs a class-conditional diffusion model")
