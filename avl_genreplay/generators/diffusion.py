@@ -238,6 +238,8 @@ class DiffusionGenerator(ImageGenerator):
         self.prediction_type = prediction_type
         self.precision = precision
         self.sampling_precision = sampling_precision
+        # True while sampling: the UNet then runs at sampling_precision
+        self._sampling = False
         self.unet = SmallUNet(shape[0], base_channels, num_classes)
         self.train_timesteps = train_timesteps
         self.beta_schedule = beta_schedule
@@ -263,18 +265,15 @@ class DiffusionGenerator(ImageGenerator):
         return torch.randn(batch_size, *self.output_shape, device=self.device)
 
     def predict(
-        self,
-        noisy: Tensor,
-        t: Tensor,
-        condition: Optional[Tensor] = None,
-        *,
-        precision: Optional[str] = None,
+        self, noisy: Tensor, t: Tensor, condition: Optional[Tensor] = None
     ) -> Tensor:
         """The UNet's raw output for ``noisy`` (unit range) at ``t``: noise,
-        clean image or velocity, by ``prediction_type``; at ``precision``
-        (``None``: the generator's)."""
+        clean image or velocity, by ``prediction_type``."""
         condition = condition if self.is_conditional else None
-        dtype = _PRECISIONS[precision or self.precision]
+        precision = self.precision
+        if self._sampling and self.sampling_precision is not None:
+            precision = self.sampling_precision
+        dtype = _PRECISIONS[precision]
         if dtype is None:
             return self.unet(noisy, t, condition)
         with torch.autocast(self.device.type, dtype=dtype):
@@ -291,17 +290,11 @@ class DiffusionGenerator(ImageGenerator):
         return alphas.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
     def predict_noise(
-        self,
-        noisy: Tensor,
-        t: Tensor,
-        condition: Optional[Tensor] = None,
-        *,
-        precision: Optional[str] = None,
+        self, noisy: Tensor, t: Tensor, condition: Optional[Tensor] = None
     ) -> Tensor:
         """The model's estimate of the noise in ``noisy`` (unit range) at
-        ``t``, whatever the UNet predicts (at ``precision``, as
-        :meth:`predict`)."""
-        output = self.predict(noisy, t, condition, precision=precision)
+        ``t``, whatever the UNet predicts."""
+        output = self.predict(noisy, t, condition)
         if self.prediction_type == "epsilon":
             return output
         alpha_bar = self.alpha_bar(t, noisy)
@@ -397,10 +390,12 @@ class DiffusionGenerator(ImageGenerator):
         guided = guidance is not None and guidance_scale != 0
         for t in scheduler.timesteps:
             steps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-            with torch.no_grad():
-                eps = self.predict_noise(
-                    x, steps, condition, precision=self.sampling_precision
-                )
+            self._sampling = True
+            try:
+                with torch.no_grad():
+                    eps = self.predict_noise(x, steps, condition)
+            finally:
+                self._sampling = False
             if guided:
                 grad = self._guidance_gradient(
                     x, eps, alphas[t], condition, guidance, guide_on
