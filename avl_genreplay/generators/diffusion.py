@@ -388,23 +388,23 @@ class DiffusionGenerator(ImageGenerator):
         scheduler.set_timesteps(self.sampling_steps)
         alphas = scheduler.alphas_cumprod.to(x.device)
         guided = guidance is not None and guidance_scale != 0
-        for t in scheduler.timesteps:
-            steps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-            self._sampling = True
-            try:
+        self._sampling = True  # the UNet at sampling_precision
+        try:
+            for t in scheduler.timesteps:
+                steps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
                 with torch.no_grad():
                     eps = self.predict_noise(x, steps, condition)
-            finally:
-                self._sampling = False
-            if guided:
-                grad = self._guidance_gradient(
-                    x, eps, alphas[t], condition, guidance, guide_on
-                )
-                eps = eps - self._guidance_weight(alphas[t], guide_on) * (
-                    guidance_scale * grad
-                )
-            kwargs = {} if self.sampler == "ddim" else {"generator": rng}
-            x = scheduler.step(eps, t, x, **kwargs).prev_sample
+                if guided:
+                    grad = self._guidance_gradient(
+                        x, eps, alphas[t], condition, guidance, guide_on
+                    )
+                    eps = eps - self._guidance_weight(alphas[t], guide_on) * (
+                        guidance_scale * grad
+                    )
+                kwargs = {} if self.sampler == "ddim" else {"generator": rng}
+                x = scheduler.step(eps, t, x, **kwargs).prev_sample
+        finally:
+            self._sampling = False
         return x.clamp(-1, 1)
 
     @staticmethod
