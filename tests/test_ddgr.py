@@ -499,6 +499,35 @@ def test_the_unet_can_train_in_bfloat16_and_sample_in_float32():
     assert torch.equal(images, plain.sample(4, torch.arange(4) % 3, seed=0))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_computes_in_bfloat16_only_where_the_device_has_it(
+    monkeypatch, native
+):
+    import avl_genreplay.generators.diffusion as diffusion
+
+    asked = []
+
+    def fake_native_bfloat16(device):
+        asked.append(torch.device(device).type)
+        return native
+
+    monkeypatch.setattr(diffusion, "native_bfloat16", fake_native_bfloat16)
+    generator = _tiny_diffusion(
+        num_classes=3, precision="auto", sampling_precision="float32"
+    )
+    conv_outputs = []
+    first_conv = next(m for m in generator.unet.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
+    DDPMTrainer(generator, lr=1e-3).train_step(
+        torch.rand(8, *SHAPE), torch.arange(8) % 3
+    )
+    assert set(conv_outputs) == {torch.bfloat16 if native else torch.float32}
+    assert asked and set(asked) == {"cpu"}
+    conv_outputs.clear()
+    generator.sample(2, torch.tensor([0, 1]), seed=0)
+    assert set(conv_outputs) == {torch.float32}
+
+
 def test_ddgr_builds_its_diffusion_model_at_the_chosen_precision():
     model = SimpleMLP(num_classes=3, input_size=144)
     strategy = DDGR(

@@ -50,6 +50,7 @@ from avl_genreplay.bench.strategies import (
     per_process_settings,
 )
 from avl_genreplay.checkpoint import maybe_load_checkpoint, save_checkpoint
+from avl_genreplay.devices import native_bfloat16
 from avl_genreplay.distributed import DataParallelPlugin, launch
 from avl_genreplay.retained import retained_bytes
 
@@ -557,6 +558,8 @@ def machine_facts() -> Dict[str, object]:
     return {
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # what precision "auto" picks on this CPU (DDGR's UNet)
+        "native_bfloat16": native_bfloat16("cpu"),
         "torch": torch.__version__,
         "cuda_device": (
             torch.cuda.get_device_name() if torch.cuda.is_available() else None

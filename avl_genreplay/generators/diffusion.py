@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from avl_genreplay.devices import native_bfloat16
 from avl_genreplay.distributed import average_gradients, union
 from avl_genreplay.generators.base import (
     GeneratorTrainer,
@@ -47,8 +48,7 @@ GuidanceFunction = Callable[[Tensor, Tensor], Tensor]
 _SAMPLERS = ("ddim", "ddpm")
 _GUIDE_ON = ("x0", "xt")
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
-# the UNet's autocast type per precision (None: plain float32)
-_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+_PRECISIONS = ("float32", "bfloat16", "auto")
 
 
 def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -183,9 +183,12 @@ class DiffusionGenerator(ImageGenerator):
     :param precision: ``"float32"``, or ``"bfloat16"`` to run the UNet under
         :func:`torch.autocast` (weights, losses and the samplers stay in
         float32). Pays where the hardware computes in bfloat16 (recent GPUs;
-        CPUs with AVX512-BF16 or AMX); elsewhere it may be slower. The
-        samples change with it (rounding), so runs are comparable only at the
-        same precision.
+        CPUs with AVX512-BF16 or AMX); elsewhere it may be slower (about
+        twice, on an AVX-512 CPU without them). ``"auto"``: bfloat16 where
+        the model's device computes it natively
+        (:func:`~avl_genreplay.devices.native_bfloat16`), float32 elsewhere.
+        The samples change with it (rounding), so runs are comparable only at
+        the same precision.
     :param sampling_precision: the UNet's arithmetic while sampling
         (:meth:`sample`, :meth:`generate`), as ``precision``; ``None`` for
         ``precision``. ``precision="bfloat16"`` with ``sampling_precision=
@@ -228,11 +231,11 @@ class DiffusionGenerator(ImageGenerator):
             )
         if precision not in _PRECISIONS:
             raise ValueError(
-                f"precision must be one of {tuple(_PRECISIONS)}, got {precision!r}"
+                f"precision must be one of {_PRECISIONS}, got {precision!r}"
             )
         if sampling_precision is not None and sampling_precision not in _PRECISIONS:
             raise ValueError(
-                f"sampling_precision must be None or one of {tuple(_PRECISIONS)}, "
+                f"sampling_precision must be None or one of {_PRECISIONS}, "
                 f"got {sampling_precision!r}"
             )
         self.prediction_type = prediction_type
@@ -270,16 +273,23 @@ class DiffusionGenerator(ImageGenerator):
         """The UNet's raw output for ``noisy`` (unit range) at ``t``: noise,
         clean image or velocity, by ``prediction_type``."""
         condition = condition if self.is_conditional else None
-        precision = self.precision
-        if self._sampling and self.sampling_precision is not None:
-            precision = self.sampling_precision
-        dtype = _PRECISIONS[precision]
-        if dtype is None:
+        if self.compute_precision() == "float32":
             return self.unet(noisy, t, condition)
-        with torch.autocast(self.device.type, dtype=dtype):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             output = self.unet(noisy, t, condition)
         # losses, samplers and guidance in float32
         return output.float()
+
+    def compute_precision(self) -> str:
+        """The UNet's arithmetic now, ``"float32"`` or ``"bfloat16"``: the
+        sampling precision while sampling, ``"auto"`` resolved for the model's
+        device."""
+        precision = self.precision
+        if self._sampling and self.sampling_precision is not None:
+            precision = self.sampling_precision
+        if precision == "auto":
+            return "bfloat16" if native_bfloat16(self.device) else "float32"
+        return precision
 
     def alpha_bar(self, t: Tensor, like: Optional[Tensor] = None) -> Tensor:
         """``alpha_bar_t`` per sample; shaped (and typed) to broadcast over

@@ -64,8 +64,9 @@ class DDGR(SupervisedTemplate):
     :param sample_mb_size: images the default diffusion model denoises at once
         (only the speed depends on it; see
         :class:`~avl_genreplay.generators.diffusion.DiffusionGenerator`).
-    :param precision: the default UNet's arithmetic, ``"float32"`` or
-        ``"bfloat16"`` (autocast; faster where the hardware has it, see
+    :param precision: the default UNet's arithmetic, ``"float32"``,
+        ``"bfloat16"`` (autocast; faster where the hardware has it) or
+        ``"auto"`` (bfloat16 only where the hardware has it; see
         :class:`~avl_genreplay.generators.diffusion.DiffusionGenerator`).
     :param sampling_precision: the default UNet's arithmetic while it
         samples the pools, as ``precision``; ``None`` for ``precision``.
