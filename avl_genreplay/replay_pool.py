@@ -140,6 +140,11 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
     :param guidance_scale: weight of the classifier guidance (0: none).
     :param guide_on: guide on the predicted clean image (``"x0"``) or on the
         noisy one (``"xt"``), for generators that support guidance.
+    :param regenerate: draw every past class anew before each experience
+        (DDGR's way: the newest generator and solver make the whole pool);
+        ``False`` keeps the samples already in the pool and draws only the
+        classes that became past since, so each class is sampled once, by the
+        generator and solver that had just learned it.
     :param progress_bar: show the sampling's progress.
 
     Under distributed training (``torchrun``, Avalanche's
@@ -157,6 +162,7 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
         samples_per_class: int = 500,
         guidance_scale: float = 1.0,
         guide_on: str = "x0",
+        regenerate: bool = True,
         progress_bar: bool = True,
     ):
         super().__init__()
@@ -174,6 +180,7 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
         self.samples_per_class = samples_per_class
         self.guidance_scale = guidance_scale
         self.guide_on = guide_on
+        self.regenerate = regenerate
         self.progress_bar = progress_bar
         self.past = PastClasses()
         # cost of each refill, for reports: seconds, images per second and,
@@ -184,10 +191,16 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_exp(self, strategy, **kwargs):
         self.learning_check.before_experience(self.generator, bool(self.past))
+        if not self.regenerate:
+            self._check_new_classes(strategy.experience)
         if not self.past:
             return
         self.random.reset()
         pairs = self.past.task_class_pairs()
+        keep = not self.regenerate and len(self.pool) > 0
+        if keep:  # only the classes that became past since the last refill
+            pooled = set(zip(self.pool.t.tolist(), self.pool.y.tolist()))
+            pairs = [pair for pair in pairs if pair not in pooled]
         tasks = torch.tensor(
             [t for t, _ in pairs], device=strategy.device
         ).repeat_interleave(self.samples_per_class)
@@ -204,18 +217,36 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
 
         x = gather_shares(len(labels), share)
         seconds = time.time() - started
+        images = len(labels)
         self.pool.to(strategy.device)
+        if keep:
+            x = torch.cat([self.pool.x, x.to(self.pool.x.device)])
+            labels = torch.cat([self.pool.y, labels.to(self.pool.y.device)])
+            tasks = torch.cat([self.pool.t, tasks.to(self.pool.t.device)])
         self.pool.fill(x, labels, tasks)
         self.sampling_log.append(
             dict(
                 experience=strategy.experience.current_experience,
-                images=len(labels),
+                images=images,
                 seconds=seconds,
-                images_per_second=len(labels) / max(seconds, 1e-9),
+                images_per_second=images / max(seconds, 1e-9),
                 sampler=getattr(self.generator, "sampler", None),
                 denoising_steps=getattr(self.generator, "sampling_steps", None),
             )
         )
+
+    def _check_new_classes(self, experience) -> None:
+        # a kept sample of a class that comes back would replay its old
+        # domain only (domain-incremental streams): refuse before training
+        task = experience_task_label(experience)
+        seen = set(self.past.task_class_pairs())
+        again = sorted(c for c in experience_classes(experience) if (task, c) in seen)
+        if again:
+            raise ValueError(
+                f"regenerate=False keeps each class's first samples, but this "
+                f"experience brings classes {again} of task {task} again; use "
+                "regenerate=True on streams whose classes recur"
+            )
 
     def after_training_exp(self, strategy, **kwargs):
         self.past.add(

@@ -453,6 +453,59 @@ def test_the_pool_plugin_fills_from_any_conditional_generator(tiny_stream):
     assert pool.x.shape == (10, *SHAPE) and torch.isfinite(pool.x).all()
 
 
+def test_a_pool_kept_between_experiences_samples_only_the_newly_past_classes(
+    tiny_stream,
+):
+    generator = ConvGenerator(SHAPE, 8, channels=4, num_classes=6)
+    sampled = []
+    generate = generator.generate
+    generator.generate = lambda n, y: sampled.append(y.tolist()) or generate(n, y)
+    pool = ReplayPool(SHAPE, 6)
+    plugin = ReplayPoolPlugin(
+        generator, pool, samples_per_class=5, regenerate=False, progress_bar=False
+    )
+    strategy = Naive(
+        **_strategy_kwargs(), evaluator=EvaluationPlugin(loggers=[]), plugins=[plugin]
+    )
+    first, second, third = (
+        sorted(e.classes_in_this_experience) for e in tiny_stream.train_stream
+    )
+    strategy.train(tiny_stream.train_stream[0])
+    strategy.train(tiny_stream.train_stream[1])
+    kept_x, kept_y = pool.x.clone(), pool.y.clone()
+    sampled.clear()
+    strategy.train(tiny_stream.train_stream[2])
+    assert sorted(set(sum(sampled, []))) == second  # not the first's again
+    assert torch.equal(pool.x[:10], kept_x) and torch.equal(pool.y[:10], kept_y)
+    assert sorted(pool.y[10:].unique().tolist()) == second
+    assert torch.bincount(pool.y, minlength=6)[first + second].tolist() == [5] * 4
+    assert [entry["images"] for entry in plugin.sampling_log] == [10, 10]
+
+
+def test_a_kept_pool_refuses_a_stream_whose_classes_recur():
+    domain = synthetic_benchmark(
+        input_shape=SHAPE,
+        num_classes=2,
+        n_experiences=2,
+        per_class=8,
+        scenario="domain",
+    )
+    generator = ConvGenerator(SHAPE, 8, channels=4, num_classes=2)
+    plugin = ReplayPoolPlugin(
+        generator,
+        ReplayPool(SHAPE, 2),
+        samples_per_class=5,
+        regenerate=False,
+        progress_bar=False,
+    )
+    strategy = Naive(
+        **_strategy_kwargs(), evaluator=EvaluationPlugin(loggers=[]), plugins=[plugin]
+    )
+    strategy.train(domain.train_stream[0])
+    with pytest.raises(ValueError, match="classes recur"):
+        strategy.train(domain.train_stream[1])
+
+
 def test_the_pool_plugin_needs_a_conditional_generator():
     with pytest.raises(ValueError, match="class-conditional"):
         ReplayPoolPlugin(_tiny_diffusion(), ReplayPool(SHAPE, 6))

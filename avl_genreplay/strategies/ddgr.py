@@ -92,6 +92,10 @@ class DDGR(SupervisedTemplate):
     :param guidance_scale: weight of the previous solver's guidance (0: none).
     :param guide_on: guide on the predicted clean image (``"x0"``) or on the
         noisy image (``"xt"``).
+    :param regenerate_pool: draw every past class anew before each experience
+        (the paper's way); ``False`` keeps the pool's samples and draws only
+        the classes that became past (streams whose classes do not recur; see
+        :class:`~avl_genreplay.replay_pool.ReplayPoolPlugin`).
     :param importance_ratio: ``r``, the weight of the current data's loss;
         ``None`` for ``1 / t``.
     :param replay_mb_size: replayed samples per solver iteration; ``None`` for
@@ -147,6 +151,7 @@ class DDGR(SupervisedTemplate):
         samples_per_class: int = 2000,
         guidance_scale: float = 1.0,
         guide_on: str = "x0",
+        regenerate_pool: bool = True,
         importance_ratio: Optional[float] = None,
         replay_mb_size: Optional[int] = None,
         soft_targets: bool = True,
@@ -194,6 +199,7 @@ class DDGR(SupervisedTemplate):
             samples_per_class=samples_per_class,
             guidance_scale=guidance_scale,
             guide_on=guide_on,
+            regenerate=regenerate_pool,
             progress_bar=progress_bar,
         )
         self.replay_plugin = SolverReplayPlugin(
