@@ -511,13 +511,19 @@ def test_the_pool_plugin_needs_a_conditional_generator():
         ReplayPoolPlugin(_tiny_diffusion(), ReplayPool(SHAPE, 6))
 
 
+def _record_conv_dtypes(generator):
+    """The UNet's first convolution and the list its outputs' dtypes go to."""
+    dtypes = []
+    first_conv = next(m for m in generator.unet.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    return first_conv, dtypes
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_the_unet_computes_at_the_chosen_precision(precision):
     torch.manual_seed(0)
     generator = _tiny_diffusion(num_classes=3, precision=precision)
-    conv_outputs = []
-    first_conv = next(m for m in generator.unet.modules() if isinstance(m, nn.Conv2d))
-    first_conv.register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
+    first_conv, conv_outputs = _record_conv_dtypes(generator)
     trainer = DDPMTrainer(generator, lr=1e-3)
     trainer.train_step(torch.rand(8, *SHAPE), torch.arange(8) % 3)
     images = generator.sample(4, torch.arange(4) % 3, seed=0)
@@ -536,9 +542,7 @@ def test_the_unet_can_train_in_bfloat16_and_sample_in_float32():
     generator = _tiny_diffusion(
         num_classes=3, precision="bfloat16", sampling_precision="float32"
     )
-    conv_outputs = []
-    first_conv = next(m for m in generator.unet.modules() if isinstance(m, nn.Conv2d))
-    first_conv.register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
+    first_conv, conv_outputs = _record_conv_dtypes(generator)
     DDPMTrainer(generator, lr=1e-3).train_step(
         torch.rand(8, *SHAPE), torch.arange(8) % 3
     )
@@ -568,9 +572,7 @@ def test_auto_precision_computes_in_bfloat16_only_where_the_device_has_it(
     generator = _tiny_diffusion(
         num_classes=3, precision="auto", sampling_precision="float32"
     )
-    conv_outputs = []
-    first_conv = next(m for m in generator.unet.modules() if isinstance(m, nn.Conv2d))
-    first_conv.register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
+    first_conv, conv_outputs = _record_conv_dtypes(generator)
     DDPMTrainer(generator, lr=1e-3).train_step(
         torch.rand(8, *SHAPE), torch.arange(8) % 3
     )
