@@ -142,9 +142,11 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
         noisy one (``"xt"``), for generators that support guidance.
     :param regenerate: draw every past class anew before each experience
         (DDGR's way: the newest generator and solver make the whole pool);
-        ``False`` keeps the samples already in the pool and draws only the
-        classes that became past since, so each class is sampled once, by the
-        generator and solver that had just learned it.
+        ``False`` draws only the classes of the experience just learned and
+        keeps the pool's samples of the others, which nothing has taught the
+        generator since: in a class-incremental stream each class is sampled
+        once, by the generator and solver that had just learned it; a class
+        that comes back (domain-incremental streams) is drawn anew.
     :param progress_bar: show the sampling's progress.
 
     Under distributed training (``torchrun``, Avalanche's
@@ -181,6 +183,7 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
         self.guidance_scale = guidance_scale
         self.guide_on = guide_on
         self.regenerate = regenerate
+        self.last_learned: set = set()
         self.progress_bar = progress_bar
         self.past = PastClasses()
         # cost of each refill, for reports: seconds, images per second and,
@@ -191,16 +194,19 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_exp(self, strategy, **kwargs):
         self.learning_check.before_experience(self.generator, bool(self.past))
-        if not self.regenerate:
-            self._check_new_classes(strategy.experience)
         if not self.past:
             return
         self.random.reset()
         pairs = self.past.task_class_pairs()
-        keep = not self.regenerate and len(self.pool) > 0
-        if keep:  # only the classes that became past since the last refill
-            pooled = set(zip(self.pool.t.tolist(), self.pool.y.tolist()))
-            pairs = [pair for pair in pairs if pair not in pooled]
+        kept = torch.zeros(len(self.pool), dtype=torch.bool)
+        if not self.regenerate:
+            # a past class's samples stay until the generator learns it again
+            pooled = list(zip(self.pool.t.tolist(), self.pool.y.tolist()))
+            kept = torch.tensor(
+                [pair not in self.last_learned for pair in pooled], dtype=torch.bool
+            )
+            held = {pair for pair, keep in zip(pooled, kept.tolist()) if keep}
+            pairs = [pair for pair in pairs if pair not in held]
         tasks = torch.tensor(
             [t for t, _ in pairs], device=strategy.device
         ).repeat_interleave(self.samples_per_class)
@@ -219,10 +225,11 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
         seconds = time.time() - started
         images = len(labels)
         self.pool.to(strategy.device)
-        if keep:
-            x = torch.cat([self.pool.x, x.to(self.pool.x.device)])
-            labels = torch.cat([self.pool.y, labels.to(self.pool.y.device)])
-            tasks = torch.cat([self.pool.t, tasks.to(self.pool.t.device)])
+        if kept.any():
+            kept = kept.to(self.pool.y.device)
+            x = torch.cat([self.pool.x[kept], x.to(self.pool.x.device)])
+            labels = torch.cat([self.pool.y[kept], labels.to(self.pool.y.device)])
+            tasks = torch.cat([self.pool.t[kept], tasks.to(self.pool.t.device)])
         self.pool.fill(x, labels, tasks)
         self.sampling_log.append(
             dict(
@@ -235,24 +242,12 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
             )
         )
 
-    def _check_new_classes(self, experience) -> None:
-        # a kept sample of a class that comes back would replay its old
-        # domain only (domain-incremental streams): refuse before training
-        task = experience_task_label(experience)
-        seen = set(self.past.task_class_pairs())
-        again = sorted(c for c in experience_classes(experience) if (task, c) in seen)
-        if again:
-            raise ValueError(
-                f"regenerate=False keeps each class's first samples, but this "
-                f"experience brings classes {again} of task {task} again; use "
-                "regenerate=True on streams whose classes recur"
-            )
-
     def after_training_exp(self, strategy, **kwargs):
-        self.past.add(
-            experience_task_label(strategy.experience),
-            experience_classes(strategy.experience),
-        )
+        task = experience_task_label(strategy.experience)
+        classes = experience_classes(strategy.experience)
+        self.past.add(task, classes)
+        # what the generator learned since the pool's samples were drawn
+        self.last_learned = {(task, c) for c in classes}
 
     def guidance(self, solver: nn.Module, tasks: Tensor):
         """``log p(y | x)`` under ``solver`` for samples of task labels

@@ -1,6 +1,8 @@
 """DDGR: the diffusion generator, guided sampling, the replay pool and the
 strategy end to end."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -482,28 +484,43 @@ def test_a_pool_kept_between_experiences_samples_only_the_newly_past_classes(
     assert [entry["images"] for entry in plugin.sampling_log] == [10, 10]
 
 
-def test_a_kept_pool_refuses_a_stream_whose_classes_recur():
+def test_a_kept_pool_draws_again_the_classes_that_come_back():
+    # domain-incremental: every experience teaches the same classes again, so
+    # nothing is kept and the pool is the one regenerate=True draws
     domain = synthetic_benchmark(
         input_shape=SHAPE,
-        num_classes=2,
-        n_experiences=2,
+        num_classes=6,
+        n_experiences=3,
         per_class=8,
         scenario="domain",
     )
+    torch.manual_seed(0)
     generator = ConvGenerator(SHAPE, 8, channels=4, num_classes=2)
-    plugin = ReplayPoolPlugin(
-        generator,
-        ReplayPool(SHAPE, 2),
-        samples_per_class=5,
-        regenerate=False,
-        progress_bar=False,
-    )
-    strategy = Naive(
-        **_strategy_kwargs(), evaluator=EvaluationPlugin(loggers=[]), plugins=[plugin]
-    )
-    strategy.train(domain.train_stream[0])
-    with pytest.raises(ValueError, match="classes recur"):
-        strategy.train(domain.train_stream[1])
+    pools = []
+    for regenerate in (True, False):
+        pool = ReplayPool(SHAPE, 2)
+        learner = copy.deepcopy(generator)
+        plugin = ReplayPoolPlugin(
+            learner,
+            pool,
+            samples_per_class=5,
+            regenerate=regenerate,
+            progress_bar=False,
+        )
+        torch.manual_seed(1)
+        strategy = Naive(
+            **_strategy_kwargs(),
+            evaluator=EvaluationPlugin(loggers=[]),
+            plugins=[plugin],
+        )
+        for experience in domain.train_stream:
+            strategy.train(experience)
+            with torch.no_grad():  # stands for what the generator learned
+                for parameter in learner.parameters():
+                    parameter.mul_(0.9)
+        pools.append(pool)
+    assert len(pools[0]) == 10
+    assert torch.equal(pools[0].x, pools[1].x) and torch.equal(pools[0].y, pools[1].y)
 
 
 def test_the_pool_plugin_needs_a_conditional_generator():

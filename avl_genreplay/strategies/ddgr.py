@@ -93,8 +93,8 @@ class DDGR(SupervisedTemplate):
     :param guide_on: guide on the predicted clean image (``"x0"``) or on the
         noisy image (``"xt"``).
     :param regenerate_pool: draw every past class anew before each experience
-        (the paper's way); ``False`` keeps the pool's samples and draws only
-        the classes that became past (streams whose classes do not recur; see
+        (the paper's way); ``False`` draws only the classes of the experience
+        just learned and keeps the pool's other samples (see
         :class:`~avl_genreplay.replay_pool.ReplayPoolPlugin`).
     :param importance_ratio: ``r``, the weight of the current data's loss;
         ``None`` for ``1 / t``.
