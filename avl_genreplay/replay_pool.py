@@ -202,10 +202,8 @@ class ReplayPoolPlugin(SupervisedPlugin, supports_distributed=True):
         if not self.regenerate:
             # a past class's samples stay until the generator learns it again
             pooled = list(zip(self.pool.t.tolist(), self.pool.y.tolist()))
-            kept = torch.tensor(
-                [pair not in self.last_learned for pair in pooled], dtype=torch.bool
-            )
-            held = {pair for pair, keep in zip(pooled, kept.tolist()) if keep}
+            held = set(pooled) - self.last_learned
+            kept = torch.tensor([pair in held for pair in pooled], dtype=torch.bool)
             pairs = [pair for pair in pairs if pair not in held]
         tasks = torch.tensor(
             [t for t, _ in pairs], device=strategy.device

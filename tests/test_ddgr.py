@@ -469,7 +469,7 @@ def test_a_pool_kept_between_experiences_samples_only_the_newly_past_classes(
     strategy = Naive(
         **_strategy_kwargs(), evaluator=EvaluationPlugin(loggers=[]), plugins=[plugin]
     )
-    first, second, third = (
+    first, second, _ = (
         sorted(e.classes_in_this_experience) for e in tiny_stream.train_stream
     )
     strategy.train(tiny_stream.train_stream[0])
