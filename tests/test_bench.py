@@ -239,6 +239,25 @@ def test_update_merges_runs_by_strategy_and_seed(data_root, tmp_path, capsys):
     assert len(five["strategies"]["naive"]["runs"][0]["accuracy_matrix"]) == 5
 
 
+def test_a_command_without_resume_starts_its_runs_afresh(data_root, tmp_path, capsys):
+    """The state a cut-off command left is continued only with --resume: any
+    other command drops it, so that no run mixes two commands' settings."""
+    config = _tiny_config(tmp_path)
+    config.write_text("experiences = 2\n" + config.read_text())
+    out = tmp_path / "out"
+    state = out / ".resume" / "splitmnist_class_il"
+    state.mkdir(parents=True)
+    for suffix in (".ckpt", ".json"):
+        (state / f"naive_seed0{suffix}").write_text("another command's state")
+    command = ["bench", "--data-root", str(data_root), "--config", str(config)]
+    command += ["--output", str(out), "--seeds", "0", "--train-subset", "100"]
+    assert main([*command, "--strategies", "naive", "--no-images"]) == 0
+    assert "naive, seed 0: starts afresh" in capsys.readouterr().out
+    assert not (out / ".resume").exists()
+    matrix = json.loads((out / "splitmnist_class_il.json").read_text())
+    assert len(matrix["strategies"]["naive"]["runs"][0]["accuracy_matrix"]) == 2
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

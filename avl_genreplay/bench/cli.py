@@ -203,6 +203,11 @@ def bench(plan: Plan) -> int:
     pending = [run for run in plan.runs if run not in done]
     if done:
         print(f"== resuming: {len(done)} runs finished, {len(pending)} to go")
+    for name, seed in store.drop_stale_state(pending):
+        print(
+            f"== {name}, seed {seed}: starts afresh, dropping the state a cut-off "
+            f"command left for it (--resume would continue it)"
+        )
     for name, why in plan.left_out.items():
         print(f"== {name} left out: {why}")
     print(

@@ -245,6 +245,23 @@ class ResultsStore:
         stem = self._resume_folder / f"{strategy}_seed{seed}"
         return stem.with_suffix(".ckpt"), stem.with_suffix(".json")
 
+    def drop_stale_state(self, runs: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
+        """Without ``--resume`` every run starts afresh: removes the state that
+        a cut-off command left for any of ``runs`` (they would otherwise
+        continue it, whatever that command's settings or code) and returns
+        those runs.
+
+        :param runs: ``(strategy, seed)`` pairs this command will run.
+        """
+        if self.plan.resume:
+            return []
+        dropped = []
+        for strategy, seed in runs:
+            if any(path.exists() for path in self.resume_paths(strategy, seed)):
+                self.clear_resume_state(strategy, seed)
+                dropped.append((strategy, seed))
+        return dropped
+
     def clear_resume_state(self, strategy: str, seed: int) -> None:
         for path in self.resume_paths(strategy, seed):
             path.unlink(missing_ok=True)
