@@ -254,8 +254,8 @@ def test_a_command_without_resume_starts_its_runs_afresh(data_root, tmp_path, ca
     assert main([*command, "--strategies", "naive", "--no-images"]) == 0
     assert "naive, seed 0: starts afresh" in capsys.readouterr().out
     assert not (out / ".resume").exists()
-    matrix = json.loads((out / "splitmnist_class_il.json").read_text())
-    assert len(matrix["strategies"]["naive"]["runs"][0]["accuracy_matrix"]) == 2
+    results = json.loads((out / "splitmnist_class_il.json").read_text())
+    assert len(results["strategies"]["naive"]["runs"][0]["accuracy_matrix"]) == 2
 
 
 @pytest.mark.parametrize(
