@@ -18,6 +18,7 @@ with warnings.catch_warnings():
     # Avalanche imports qpsolvers for GEM, which this package never uses; it
     # warns at import wherever no QP solver is installed
     warnings.filterwarnings("ignore", message="no QP solver found")
+    from avl_genreplay.allocator import keep_freed_memory
     from avl_genreplay.augmentation import InputAugmentationPlugin
     from avl_genreplay.distributed import DataParallelPlugin
     from avl_genreplay.generator_training import (
@@ -68,6 +69,7 @@ __all__ = [
     "InputAugmentationPlugin",
     "DataParallelPlugin",
     "retained_bytes",
+    "keep_freed_memory",
     "GeneratorTrainingPlugin",
     "TrainingGuard",
     "GeneratorTrainingError",

@@ -223,6 +223,7 @@ def test_update_merges_runs_by_strategy_and_seed(data_root, tmp_path, capsys):
     machine = merged["lwf"]["runs"][0]["machine"]
     assert machine["torch"] == torch.__version__
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["keeps_freed_memory"] is True  # the harness sets it
     # the header lists every command that wrote into the file, each with its
     # own wall time: the first command's is kept after the updates
     commands = json.loads(path.read_text())["commands"]
