@@ -5,10 +5,11 @@ dropped. By default glibc serves large blocks (from 128 KiB, rising with use
 to at most 32 MiB) with ``mmap`` and gives them back to the kernel when freed,
 and returns the free top of its heap too (``trim``). A training step that
 frees and allocates the same activations again then has the kernel hand out
-and zero the same pages at every step: DDGR's UNet step on MNIST took about
-31,000 minor page faults, 15-20 % of its CPU time on one thread
+and zero the same pages at every step: a DDGR UNet step on MNIST at batch 128
+took about 31,000 minor page faults, some 20 % of its CPU time on one thread;
+whole benchmark runs, whose steps allocate less at a time, gained 1-2 %
 (benchmarks/README.md, "Freed memory kept for reuse"). Keeping the freed
-memory in the process removes them and changes no value computed.
+memory in the process removes the faults and changes no value computed.
 """
 
 import ctypes
