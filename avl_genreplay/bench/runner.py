@@ -537,7 +537,8 @@ def run_planned(
 
 def machine_facts() -> Dict[str, object]:
     """What the run's floating-point results depend on besides the code:
-    the CPU, the kernels torch picked for it and torch's version.
+    the CPU, the kernels torch picked for it and torch's version; and,
+    for its wall time only, whether its process keeps freed memory.
 
     A generative strategy's run is chaotic: one rounding difference early on
     (another CPU, hence other vectorised or oneDNN kernels) changes every
